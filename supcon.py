@@ -1,0 +1,418 @@
+"""SupCon: supervised contrastive learning, one file.
+
+Paper: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (arXiv 2004.11362).
+
+What this file implements
+- `supcon_loss`: Eq. 2 of the paper (L^sup_out), SimCLR's NT-Xent when no labels are given.
+- An encoder f (small CNN for CPU runs, CIFAR-style ResNet-18/50), one projection head g (MLP
+  D_enc -> D_enc -> 128), z = normalize(g(f(x))), trained with the finest label as the class.
+  Multi-label data: positives are the samples that share at least one label with the anchor.
+- The shared training loop (SPEC §5): presets per dataset, SGD + warm-up + cosine, bf16 autocast and
+  channels_last on CUDA, atomic checkpoints and --resume, DDP under torchrun with a global-batch
+  all-gather, and a frozen-encoder linear evaluation at the end (linear_eval.py).
+
+Run
+    python supcon.py                                  # hdigits demo, a few minutes on a laptop CPU
+    python supcon.py --dataset cifar100 --download --epochs 200
+    torchrun --nproc_per_node=4 supcon.py --dataset cifar100
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import data
+import linear_eval
+
+METHOD = "supcon"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode="all", base_temperature=None):
+    """Supervised contrastive loss, Eq. 2 of Khosla et al. (L^sup_out).
+
+        l_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{a in A(i)} exp(z_i.z_a/t) )
+        L   = (t / t_base) * mean over anchors with |P(i)| > 0 of l_i
+
+    Args:
+        features: [B, V, D] L2-normalised embeddings, B samples with V views each. Rows are stacked
+            view-major (all samples' view 0, then view 1, ...), so row v*B + b is view v of sample b.
+        labels: [B] class ids; positives of an anchor are all other rows with the same label.
+        mask: [B, B] explicit positives (nonzero = positive pair); the diagonal, i.e. the other views
+            of the same sample, is read like any other entry. Give labels or mask, not both.
+            With neither, positives are the other views of the same sample (SimCLR).
+        temperature: t.
+        contrast_mode: "all" makes every row an anchor; "one" only view 0 of each sample (the others
+            are still contrasted against).
+        base_temperature: t_base; None means no rescaling. The reference code uses 0.07, which only
+            multiplies the loss, and so the gradient, by t / 0.07.
+
+    Returns a scalar. Logits are float32 (float64 inputs stay float64); anchors without any positive
+    are left out of the mean, and if none has one the result is a zero still attached to the graph.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must be [B, V, D], got shape {tuple(features.shape)}")
+    batch, views, _ = features.shape
+    if labels is not None and mask is not None:
+        raise ValueError("give labels or mask, not both")
+    if labels is not None:
+        if labels.dim() != 1 or labels.shape[0] != batch:
+            raise ValueError(f"labels must be [B] = [{batch}], got shape {tuple(labels.shape)}")
+        mask = labels[:, None] == labels[None, :]
+    elif mask is None:
+        mask = torch.eye(batch, dtype=torch.bool, device=features.device)
+    elif mask.shape != (batch, batch):
+        raise ValueError(f"mask must be [B, B] = [{batch}, {batch}], got shape {tuple(mask.shape)}")
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    if features.dtype != torch.float64:
+        features = features.float()
+
+    contrast = features.transpose(0, 1).reshape(views * batch, -1)  # [N, D], view-major
+    anchors = contrast if contrast_mode == "all" else contrast[:batch]  # anchor r is contrast row r
+    logits = anchors @ contrast.T / temperature  # [A, N]
+    is_self = torch.eye(*logits.shape, dtype=torch.bool, device=logits.device)
+    # Excluding self before the softmax keeps every logit finite for any input scale.
+    log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=1)
+    positives = (mask != 0).repeat(len(anchors) // batch, views) & ~is_self
+    positive_count = positives.sum(1)
+    per_anchor = -torch.where(positives, log_prob, 0.0).sum(1) / positive_count.clamp(min=1)
+    has_positive = (positive_count > 0).to(per_anchor.dtype)
+    loss = (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return scale * loss
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders and heads (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+
+def small_cnn(in_channels, width=32):
+    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
+
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
+    layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 8 * width
+
+
+def cifar_resnet(name, in_channels):
+    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
+    net = getattr(torchvision.models, name)(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+ARCHS = ("cnn", "resnet18", "resnet50")
+
+
+def build_encoder(arch, info):
+    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
+    if arch == "cnn":
+        return small_cnn(info.channels)
+    if arch in ("resnet18", "resnet50"):
+        return cifar_resnet(arch, info.channels)
+    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def projection_head(feature_dim, out_dim=128):
+    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
+
+
+class SupConModel(nn.Module):
+    """z = normalize(g(f(x))): encoder f, one projection head g."""
+
+    def __init__(self, arch, info):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.head = projection_head(feature_dim)
+
+    def forward(self, x):
+        return F.normalize(self.head(self.encoder(x)), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+def gather_across_ranks(tensor):
+    """Concatenate a tensor from every rank along dim 0, keeping the autograd graph to the local part.
+
+    Every rank then contrasts against the global batch; the backward pass sums each rank's gradient
+    into the owner of the rows, and DDP's gradient averaging turns that into the single-process gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
+
+
+def positive_mask(targets):
+    """Positives for SupCon: same finest label, or (multi-label) at least one label in common."""
+    if targets.dtype.is_floating_point:
+        return (targets @ targets.T) > 0
+    return targets[:, -1, None] == targets[None, :, -1]
+
+
+def method_loss(model, views, targets, args):
+    """views [V, B, ...] -> SupCon loss on the global batch."""
+    num_views, batch = views.shape[:2]
+    z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
+    z, targets = gather_across_ranks(z), gather_across_ranks(targets)
+    return supcon_loss(z, mask=positive_mask(targets), temperature=args.temperature,
+                       base_temperature=args.base_temperature)
+
+
+def build_model(args, info):
+    return SupConModel(args.arch, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line, presets and the training loop (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1, temperature=0.1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1, temperature=0.1),
+    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5, temperature=0.1),
+    # The SupCon reference recipe for CIFAR-100.
+    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10, temperature=0.1),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    p.add_argument("--epochs", type=int, help="training epochs; default from the preset")
+    p.add_argument("--batch-size", type=int, help="global batch size (samples, each with 2 views)")
+    p.add_argument("--lr", type=float, help="peak SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--temperature", type=float, help="softmax temperature tau")
+    p.add_argument("--base-temperature", type=float, default=None,
+                   help="scale the loss by tau/base (0.07 reproduces the reference; only scales the gradient)")
+    p.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
+    p.add_argument("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for lazily composed datasets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                    save_every=args.save_every)
+    for name, value in positive.items():
+        if value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if min(args.warmup_epochs, args.weight_decay, args.workers) < 0:
+        p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
+    if not 0.0 < args.fraction <= 1.0:
+        p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
+    if args.base_temperature is not None and args.base_temperature <= 0:
+        p.error("--base-temperature must be positive")
+    return args
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warm-up to the peak, then cosine decay to peak/1000."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    floor = peak * 1e-3
+    return floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("method") != METHOD:
+        found = state.get("method") if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"{path} is not a {METHOD} checkpoint (found {found!r})")
+    for key in ("dataset", "arch", "batch_size", "fraction", "seed"):
+        if state["config"][key] != getattr(args, key):
+            raise SystemExit(f"{path} was trained with {key}={state['config'][key]!r}, this run has {getattr(args, key)!r}")
+    return state
+
+
+def setup_distributed(args):
+    """(rank, world_size, device); under torchrun a process group with nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args)
+    seed_everything(args.seed)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if world_size > 1:  # every rank writes into rank 0's run folder
+        shared = [args.out]
+        dist.broadcast_object_list(shared)
+        args.out = shared[0]
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    if rank == 0 and args.resume is None and os.path.exists(checkpoint_path):
+        raise SystemExit(f"{checkpoint_path} exists; pass --resume {checkpoint_path} or another --out")
+    resumed = load_checkpoint(args.resume, args) if args.resume else None
+
+    options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size)
+    train_set = data.load(args.dataset, args.data_dir, "train", **options)
+    info = train_set.info
+    resident = data.to_device(train_set, device)
+
+    model = build_model(args, info).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = model.module if world_size > 1 else model
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps = data.steps_per_epoch(train_set, args.batch_size, world_size)
+    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
+    start_epoch = 0
+    if resumed:
+        core.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch = resumed["epoch"]
+        random.setstate(resumed["rng"]["python"])
+        np.random.set_state(resumed["rng"]["numpy"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+
+    def checkpoint(epoch):
+        if rank == 0:
+            save_checkpoint(checkpoint_path, {
+                "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples): {args.arch}, {args.epochs} epochs "
+              f"x {steps} steps of {args.batch_size}, device {device}, world {world_size} -> {args.out}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    progress = tqdm(total=total_steps, initial=start_epoch * steps, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
+            order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
+            losses, started = [], time.perf_counter()
+            for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size, args.workers)):
+                views = data.two_views(x, info, augment)
+                with autocast:
+                    loss = method_loss(step_model, views, y, args)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.detach())
+                progress.update()
+                if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
+                    check_finite(losses, epoch, steps, checkpoint_path)
+                    rate = (step + 1) * args.batch_size * 2 / (time.perf_counter() - started)
+                    progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                                         views_per_s=f"{rate:.0f}")
+            epoch_loss = torch.stack(losses).mean().item()
+            seconds = time.perf_counter() - started
+            if rank == 0:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": epoch + 1, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0],
+                                        "seconds": seconds, "views_per_s": steps * args.batch_size * 2 / seconds}) + "\n")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                checkpoint(epoch + 1)
+    except KeyboardInterrupt:
+        checkpoint(epoch)
+        raise SystemExit(f"\ninterrupted in epoch {epoch + 1}; saved {checkpoint_path} "
+                         f"(--resume restarts epoch {epoch + 1} from these weights)")
+    finally:
+        progress.close()
+
+    results = None
+    if rank == 0 and not args.no_eval:
+        test_set = data.load(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
+        results = linear_eval.evaluate(core.encoder, train_set, test_set, device)
+        results = {"method": METHOD, "dataset": args.dataset, **results}
+        linear_eval.report(results, args.out)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+def check_finite(losses, epoch, steps, checkpoint_path):
+    """Stop at the first non-finite loss of the epoch so far; the last good checkpoint is kept."""
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise SystemExit(f"non-finite loss {values[step].item()} at epoch {epoch + 1}, step {step + 1}/{steps}; "
+                         f"stopping (last good checkpoint, if any: {checkpoint_path})")
+
+
+if __name__ == "__main__":
+    train(parse_args())
