@@ -210,10 +210,13 @@ def read_idx(path):
     """Read an IDX file (MNIST's format), plain or gzipped, into a tensor."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path} is not an unsigned-byte IDX file")
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        try:
+            zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype_code != 0x08:
+                raise ValueError(f"{path} is not an unsigned-byte IDX file")
+            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        except struct.error as error:
+            raise ValueError(f"{path}: truncated IDX header") from error
         array = np.frombuffer(f.read(), dtype=np.uint8)
     if array.size != math.prod(shape):
         raise ValueError(f"{path}: header says {shape} but holds {array.size} bytes")
@@ -262,6 +265,9 @@ class HierarchicalMNIST(Dataset):
     def __len__(self):
         return len(self.digits)
 
+    def subset(self, indices):
+        return IndexedSubset(self, indices)
+
     def __getitem__(self, index):
         centre = self.image_size - 2 * self.ring
         big = F.pad(self.digits[index].float()[None, None], (2, 2, 2, 2))
@@ -300,7 +306,7 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
     elif name == "cifar100":
         dataset = cifar100_split(root, split, download)
     else:
-        dataset = HierarchicalMNIST(root, split, download, image_size=options.get("image_size") or 192)
+        dataset = HierarchicalMNIST(root, split, download, image_size=options.get("image_size") or 192, seed=seed)
     if split == "train" and fraction < 1.0:
         dataset = dataset.subset(stratified_indices(dataset.targets, fraction, seed))
     return dataset

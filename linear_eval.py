@@ -125,7 +125,7 @@ def knn_top1(train_features, train_y, test_features, test_y, num_classes, k=20, 
     for start in range(0, len(test_features), chunk):
         similarity = test_features[start : start + chunk] @ train_features.T
         top_similarity, top_index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(similarity), num_classes)
+        votes = torch.zeros(len(similarity), num_classes, dtype=similarity.dtype)
         votes.scatter_add_(1, train_y[top_index], (top_similarity / temperature).exp())
         correct += (votes.argmax(1) == test_y[start : start + chunk]).sum().item()
     return correct / len(test_features)

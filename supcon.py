@@ -43,6 +43,8 @@ METHOD = "supcon"
 # --------------------------------------------------------------------------------------------------
 
 
+@torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
+@torch.autocast("cpu", enabled=False)
 def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode="all", base_temperature=None):
     """Supervised contrastive loss, Eq. 2 of Khosla et al. (L^sup_out).
 
@@ -101,7 +103,7 @@ def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoders and heads (identical in every method file)
+# Encoders, projection head and the global-batch gather (identical in every method file)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -143,6 +145,39 @@ def projection_head(feature_dim, out_dim=128):
     return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
 
 
+class GatherAcrossRanks(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
+
+    Every rank computes the same loss on the global batch, so the local rows receive world_size times
+    their single-process gradient; DDP's gradient averaging divides that back out.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_across_ranks(tensor):
+    """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return GatherAcrossRanks.apply(tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
 class SupConModel(nn.Module):
     """z = normalize(g(f(x))): encoder f, one projection head g."""
 
@@ -155,22 +190,6 @@ class SupConModel(nn.Module):
         return F.normalize(self.head(self.encoder(x)), dim=-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# The method: one training step's loss
-# --------------------------------------------------------------------------------------------------
-
-
-def gather_across_ranks(tensor):
-    """Concatenate a tensor from every rank along dim 0, keeping the autograd graph to the local part.
-
-    Every rank then contrasts against the global batch; the backward pass sums each rank's gradient
-    into the owner of the rows, and DDP's gradient averaging turns that into the single-process gradient.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
-
-
 def positive_mask(targets):
     """Positives for SupCon: same finest label, or (multi-label) at least one label in common."""
     if targets.dtype.is_floating_point:
@@ -178,7 +197,7 @@ def positive_mask(targets):
     return targets[:, -1, None] == targets[None, :, -1]
 
 
-def method_loss(model, views, targets, args):
+def method_loss(model, views, targets, args, info):
     """views [V, B, ...] -> SupCon loss on the global batch."""
     num_views, batch = views.shape[:2]
     z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
@@ -191,16 +210,29 @@ def build_model(args, info):
     return SupConModel(args.arch, info)
 
 
+def add_method_arguments(p):
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau")
+    p.add_argument("--base-temperature", type=float, default=None,
+                   help="scale the loss by tau/base (0.07 reproduces the reference; only scales the gradient)")
+
+
+def check_method_arguments(p, args):
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.base_temperature is not None and args.base_temperature <= 0:
+        p.error(f"--base-temperature must be positive, got {args.base_temperature}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line, presets and the training loop (identical in every method file)
 # --------------------------------------------------------------------------------------------------
 
 PRESETS = {
-    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1, temperature=0.1),
-    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1, temperature=0.1),
-    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5, temperature=0.1),
+    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
     # The SupCon reference recipe for CIFAR-100.
-    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10, temperature=0.1),
+    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
 }
 
 
@@ -215,9 +247,6 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak SGD learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
-    p.add_argument("--temperature", type=float, help="softmax temperature tau")
-    p.add_argument("--base-temperature", type=float, default=None,
-                   help="scale the loss by tau/base (0.07 reproduces the reference; only scales the gradient)")
     p.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
@@ -229,12 +258,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    add_method_arguments(p)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
-                    save_every=args.save_every)
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
     for name, value in positive.items():
         if value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -242,8 +271,7 @@ def parse_args(argv=None):
         p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
     if not 0.0 < args.fraction <= 1.0:
         p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
-    if args.base_temperature is not None and args.base_temperature <= 0:
-        p.error("--base-temperature must be positive")
+    check_method_arguments(p, args)
     return args
 
 
@@ -365,7 +393,7 @@ def train(args):
             for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size, args.workers)):
                 views = data.two_views(x, info, augment)
                 with autocast:
-                    loss = method_loss(step_model, views, y, args)
+                    loss = method_loss(step_model, views, y, args, info)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,0 +1,537 @@
+"""MLCL: multi-level supervised contrastive learning, one file.
+
+Paper: Ghanooni, Pajoum, Rawal, Fellenz, Le Duy, Kloft, "Multi-level Supervised Contrastive
+Learning", arXiv 2502.02202 (2025). Builds on SupCon (Khosla et al., NeurIPS 2020, Eq. 2).
+
+What this file implements
+- One shared encoder f and H projection heads g_h (MLP D_enc -> D_enc -> 128), one per label level
+  (hierarchical data) or one per label plus a global head (multi-label data). Each head h has its own
+  positive set P_h, temperature t_h and weight a_h:
+
+      L_MLCL = sum_h a_h * L_h,   L_h = SupCon L_out on z^h = normalize(g_h(f(x))) with P_h and t_h
+
+  `mlcl_loss` computes all heads in one batched pass; `hierarchical_masks` and `multilabel_masks`
+  build the positive (and anchor) masks of every head from one broadcast comparison.
+- Defaults where the paper is silent or gives a range (our choices): t = 0.1 on the finest level and
+  0.5 on every coarser level (the paper's Figure 4 finds a warmer superclass head better); a_h = 1;
+  multi-label heads all at t = 0.1.
+- The optional cross-entropy term the paper adds for text: a linear classifier on f(x) trained jointly,
+  L = w_ce * CE(finest level) + lambda * L_MLCL (BCE-with-logits for multi-label data); off unless
+  --ce-weight > 0.
+- The training loop shared with supcon.py (diff the two files to see exactly what MLCL adds).
+
+Run
+    python mlcl.py                                     # hdigits demo: two heads, category and class
+    python mlcl.py --dataset hdigits-multilabel        # 10 label heads + a global head
+    python mlcl.py --dataset cifar100 --download --epochs 200 --temperatures 0.5 0.1
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import data
+import linear_eval
+
+METHOD = "mlcl"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+def hierarchical_masks(labels):
+    """Positive masks of the level heads: [B, L] labels (coarse -> fine) -> [L, B, B] bool.
+
+    P_h(i) = samples with the same label at level h; the diagonal is True, so the other views of the
+    anchor's own sample are positives at every level.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, L], got shape {tuple(labels.shape)}")
+    levels = labels.T
+    return levels[:, :, None] == levels[:, None, :]
+
+
+def multilabel_masks(targets, groups=None):
+    """Positive and anchor masks of the multi-label heads.
+
+    Args:
+        targets: [B, K] multi-hot labels.
+        groups: optional list of label-index lists (for many labels); then one head per group.
+    Returns:
+        positives [H, B, B] bool and anchors [H, B] bool with H = K + 1 (or len(groups) + 1).
+        Head k: anchors are the samples with label k, positives the samples with label k (a sample
+        without it is never an anchor there but stays in every denominator). Group head: the same
+        with "has a label of the group" / "shares a label of the group". Last, the global head:
+        positives share at least one label with the anchor.
+    """
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be [B, K], got shape {tuple(targets.shape)}")
+    has = targets > 0.5
+    if groups is None:
+        per_head = has.T  # [K, B]
+        positives = per_head[:, :, None] & per_head[:, None, :]
+    else:
+        membership = torch.zeros(len(groups), targets.shape[1], device=targets.device)
+        for g, labels in enumerate(groups):
+            membership[g, labels] = 1.0
+        in_group = has.float()[None] * membership[:, None, :]  # [G, B, K]
+        positives = torch.bmm(in_group, in_group.transpose(1, 2)) > 0
+        per_head = in_group.sum(2) > 0
+    shared = has.float() @ has.float().T > 0
+    positives = torch.cat([positives, shared[None]])
+    anchors = torch.cat([per_head, has.any(1)[None]])
+    return positives, anchors
+
+
+@torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
+@torch.autocast("cpu", enabled=False)
+def mlcl_loss(features, pos_masks, temperatures, weights=None, anchor_masks=None):
+    """Multi-level supervised contrastive loss: L = sum_h a_h * L_h, each L_h SupCon's Eq. 2 (L_out).
+
+        l_i^h = -1/|P_h(i)| sum_{p in P_h(i)} log( exp(z_i^h.z_p^h/t_h) / sum_{a in A(i)} exp(z_i^h.z_a^h/t_h) )
+        L_h   = mean of l_i^h over the anchors of head h that have a positive
+
+    Args:
+        features: [H, B, V, D] L2-normalised embeddings of every head (rows stacked view-major).
+        pos_masks: [H, B, B] positives per head (nonzero = positive; the diagonal marks the other
+            views of the same sample).
+        temperatures: [H] t_h (tensor or sequence).
+        weights: [H] a_h; None means 1 for every head.
+        anchor_masks: [H, B] which samples are anchors of head h; None means all. Non-anchors stay in
+            every denominator A(i).
+    Returns a scalar, computed in float32 (float64 stays float64) with one bmm for all heads.
+    """
+    if features.dim() != 4:
+        raise ValueError(f"features must be [H, B, V, D], got shape {tuple(features.shape)}")
+    heads, batch, views, _ = features.shape
+    if pos_masks.shape != (heads, batch, batch):
+        raise ValueError(f"pos_masks must be [H, B, B] = [{heads}, {batch}, {batch}], got {tuple(pos_masks.shape)}")
+    if anchor_masks is not None and anchor_masks.shape != (heads, batch):
+        raise ValueError(f"anchor_masks must be [H, B] = [{heads}, {batch}], got {tuple(anchor_masks.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    features = features.to(dtype)
+    temperatures = torch.as_tensor(temperatures, dtype=dtype, device=features.device)
+    weights = torch.ones(heads, dtype=dtype, device=features.device) if weights is None else \
+        torch.as_tensor(weights, dtype=dtype, device=features.device)
+    if temperatures.shape != (heads,) or weights.shape != (heads,):
+        raise ValueError(f"temperatures and weights must be [H] = [{heads}], got {tuple(temperatures.shape)} "
+                         f"and {tuple(weights.shape)}")
+
+    contrast = features.transpose(1, 2).reshape(heads, views * batch, -1)  # [H, N, D], view-major
+    logits = torch.bmm(contrast, contrast.transpose(1, 2)) / temperatures[:, None, None]  # [H, N, N]
+    is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
+    log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
+    positives = (pos_masks != 0).repeat(1, views, views) & ~is_self
+    positive_count = positives.sum(2)
+    per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [H, N]
+    counted = positive_count > 0
+    if anchor_masks is not None:
+        counted = counted & (anchor_masks != 0).repeat(1, views)
+    counted = counted.to(dtype)
+    per_head = (per_anchor * counted).sum(1) / counted.sum(1).clamp(min=1)
+    return (weights * per_head).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders, projection head and the global-batch gather (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+
+def small_cnn(in_channels, width=32):
+    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
+
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
+    layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 8 * width
+
+
+def cifar_resnet(name, in_channels):
+    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
+    net = getattr(torchvision.models, name)(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+ARCHS = ("cnn", "resnet18", "resnet50")
+
+
+def build_encoder(arch, info):
+    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
+    if arch == "cnn":
+        return small_cnn(info.channels)
+    if arch in ("resnet18", "resnet50"):
+        return cifar_resnet(arch, info.channels)
+    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def projection_head(feature_dim, out_dim=128):
+    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
+
+
+class GatherAcrossRanks(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
+
+    Every rank computes the same loss on the global batch, so the local rows receive world_size times
+    their single-process gradient; DDP's gradient averaging divides that back out.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_across_ranks(tensor):
+    """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return GatherAcrossRanks.apply(tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+def head_names(info, args):
+    """One head per level (coarse -> fine) or per label / label group, plus the global head."""
+    if info.multilabel:
+        groups = info.extra.get("label_groups")
+        names = [group_name for group_name, _ in groups] if groups else list(info.label_names[0])
+        return names + ["global"]
+    return list(info.level_names) + (["global"] if args.heads == "levels+global" else [])
+
+
+def head_temperatures(info, args):
+    """--temperatures, or 0.1 on the finest level (and global head), 0.5 on coarser levels."""
+    names = head_names(info, args)
+    if args.temperatures is not None:
+        return list(args.temperatures)
+    if info.multilabel:
+        return [0.1] * len(names)
+    return [0.5] * (len(info.level_names) - 1) + [0.1] * (len(names) - len(info.level_names) + 1)
+
+
+class MLCLModel(nn.Module):
+    """Shared encoder f, one projection head per level or label, and the optional CE classifier."""
+
+    def __init__(self, arch, info, num_heads, classifier):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.heads = nn.ModuleList(projection_head(feature_dim) for _ in range(num_heads))
+        self.classifier = nn.Linear(feature_dim, info.num_classes[-1]) if classifier else None
+
+    def forward(self, x):
+        """-> (z [H, N, 128] normalised per head, classifier logits [N, C] or None)."""
+        h = self.encoder(x)
+        z = torch.stack([F.normalize(head(h), dim=-1) for head in self.heads])
+        return z, (self.classifier(h) if self.classifier is not None else None)
+
+
+def head_masks(targets, info, args):
+    """(positives [H, B, B], anchors [H, B] or None) of every head for a batch of targets."""
+    if info.multilabel:
+        groups = info.extra.get("label_groups")
+        return multilabel_masks(targets, [labels for _, labels in groups] if groups else None)
+    positives = hierarchical_masks(targets)
+    if args.heads == "levels+global":  # the global head of hierarchical data: same finest label
+        positives = torch.cat([positives, positives[-1:]])
+    return positives, None
+
+
+def method_loss(model, views, targets, args, info):
+    """views [V, B, ...] -> lambda * MLCL on the global batch (+ w_ce * CE on this rank's views)."""
+    num_views, batch = views.shape[:2]
+    z, logits = model(views.flatten(0, 1))
+    z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, H, V, D]
+    z, global_targets = gather_across_ranks(z).transpose(0, 1), gather_across_ranks(targets)
+    positives, anchors = head_masks(global_targets, info, args)
+    loss = args.mlcl_weight * mlcl_loss(z, positives, head_temperatures(info, args), args.weights, anchors)
+    if logits is not None:
+        view_targets = targets.repeat(num_views, 1)
+        if info.multilabel:
+            classification = F.binary_cross_entropy_with_logits(logits.float(), view_targets.float())
+        else:
+            classification = F.cross_entropy(logits.float(), view_targets[:, -1])
+        loss = loss + args.ce_weight * classification
+    return loss
+
+
+def build_model(args, info):
+    names = head_names(info, args)
+    for flag, values in (("--temperatures", args.temperatures), ("--weights", args.weights)):
+        if values is not None and len(values) != len(names):
+            raise SystemExit(f"{flag} needs {len(names)} values, one per head ({', '.join(names)}); got {len(values)}")
+    return MLCLModel(args.arch, info, len(names), classifier=args.ce_weight > 0)
+
+
+def add_method_arguments(p):
+    p.add_argument("--temperatures", type=float, nargs="+", default=None,
+                   help="one temperature per head (coarse -> fine, then global); default 0.5 coarse, 0.1 fine")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one loss weight per head; default 1")
+    p.add_argument("--heads", choices=("levels", "levels+global"), default="levels",
+                   help="hierarchical data: one head per level, optionally plus a global head (same finest label)")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the jointly trained classifier's CE")
+    p.add_argument("--lambda", dest="mlcl_weight", type=float, default=1.0, help="weight of the MLCL loss")
+
+
+def check_method_arguments(p, args):
+    if args.temperatures is not None and min(args.temperatures) <= 0:
+        p.error(f"--temperatures must be positive, got {args.temperatures}")
+    if args.weights is not None and min(args.weights) < 0:
+        p.error(f"--weights must not be negative, got {args.weights}")
+    if args.ce_weight < 0 or args.mlcl_weight < 0:
+        p.error("--ce-weight and --lambda must not be negative")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line, presets and the training loop (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
+    # The SupCon reference recipe for CIFAR-100.
+    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    p.add_argument("--epochs", type=int, help="training epochs; default from the preset")
+    p.add_argument("--batch-size", type=int, help="global batch size (samples, each with 2 views)")
+    p.add_argument("--lr", type=float, help="peak SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
+    p.add_argument("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for lazily composed datasets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    add_method_arguments(p)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
+    for name, value in positive.items():
+        if value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if min(args.warmup_epochs, args.weight_decay, args.workers) < 0:
+        p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
+    if not 0.0 < args.fraction <= 1.0:
+        p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
+    check_method_arguments(p, args)
+    return args
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warm-up to the peak, then cosine decay to peak/1000."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    floor = peak * 1e-3
+    return floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("method") != METHOD:
+        found = state.get("method") if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"{path} is not a {METHOD} checkpoint (found {found!r})")
+    for key in ("dataset", "arch", "batch_size", "fraction", "seed"):
+        if state["config"][key] != getattr(args, key):
+            raise SystemExit(f"{path} was trained with {key}={state['config'][key]!r}, this run has {getattr(args, key)!r}")
+    return state
+
+
+def setup_distributed(args):
+    """(rank, world_size, device); under torchrun a process group with nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args)
+    seed_everything(args.seed)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if world_size > 1:  # every rank writes into rank 0's run folder
+        shared = [args.out]
+        dist.broadcast_object_list(shared)
+        args.out = shared[0]
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    if rank == 0 and args.resume is None and os.path.exists(checkpoint_path):
+        raise SystemExit(f"{checkpoint_path} exists; pass --resume {checkpoint_path} or another --out")
+    resumed = load_checkpoint(args.resume, args) if args.resume else None
+
+    options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size)
+    train_set = data.load(args.dataset, args.data_dir, "train", **options)
+    info = train_set.info
+    resident = data.to_device(train_set, device)
+
+    model = build_model(args, info).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = model.module if world_size > 1 else model
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps = data.steps_per_epoch(train_set, args.batch_size, world_size)
+    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
+    start_epoch = 0
+    if resumed:
+        core.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch = resumed["epoch"]
+        random.setstate(resumed["rng"]["python"])
+        np.random.set_state(resumed["rng"]["numpy"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+
+    def checkpoint(epoch):
+        if rank == 0:
+            save_checkpoint(checkpoint_path, {
+                "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples): {args.arch}, {args.epochs} epochs "
+              f"x {steps} steps of {args.batch_size}, device {device}, world {world_size} -> {args.out}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    progress = tqdm(total=total_steps, initial=start_epoch * steps, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
+            order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
+            losses, started = [], time.perf_counter()
+            for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size, args.workers)):
+                views = data.two_views(x, info, augment)
+                with autocast:
+                    loss = method_loss(step_model, views, y, args, info)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.detach())
+                progress.update()
+                if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
+                    check_finite(losses, epoch, steps, checkpoint_path)
+                    rate = (step + 1) * args.batch_size * 2 / (time.perf_counter() - started)
+                    progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                                         views_per_s=f"{rate:.0f}")
+            epoch_loss = torch.stack(losses).mean().item()
+            seconds = time.perf_counter() - started
+            if rank == 0:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": epoch + 1, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0],
+                                        "seconds": seconds, "views_per_s": steps * args.batch_size * 2 / seconds}) + "\n")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                checkpoint(epoch + 1)
+    except KeyboardInterrupt:
+        checkpoint(epoch)
+        raise SystemExit(f"\ninterrupted in epoch {epoch + 1}; saved {checkpoint_path} "
+                         f"(--resume restarts epoch {epoch + 1} from these weights)")
+    finally:
+        progress.close()
+
+    results = None
+    if rank == 0 and not args.no_eval:
+        test_set = data.load(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
+        results = linear_eval.evaluate(core.encoder, train_set, test_set, device)
+        results = {"method": METHOD, "dataset": args.dataset, **results}
+        linear_eval.report(results, args.out)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+def check_finite(losses, epoch, steps, checkpoint_path):
+    """Stop at the first non-finite loss of the epoch so far; the last good checkpoint is kept."""
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise SystemExit(f"non-finite loss {values[step].item()} at epoch {epoch + 1}, step {step + 1}/{steps}; "
+                         f"stopping (last good checkpoint, if any: {checkpoint_path})")
+
+
+if __name__ == "__main__":
+    train(parse_args())

@@ -1,0 +1,167 @@
+"""End-to-end tests of the training loop shared by the method files: runs, resume, checkpoints, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import supcon
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--fraction", "0.05", "--batch-size", "64", "--no-eval", "--device", "cpu"]
+
+
+def run_script(*args, timeout=600):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_supcon_script_beats_chance(tmp_path):
+    """A short hdigits run writes every run file and its features beat chance at both levels by a margin."""
+    out = tmp_path / "run"
+    run_script("supcon.py", "--epochs", "3", "--fraction", "0.3", "--batch-size", "128", "--device", "cpu",
+               "--out", str(out))
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "supcon" and results["dataset"] == "hdigits"
+    levels = results["levels"]
+    assert levels["category"]["linear_top1"] > 0.1 + 0.1  # chance 1/10
+    assert levels["class"]["linear_top1"] > 0.01 + 0.05  # chance 1/100
+    assert set(levels["class"]) == {"linear_top1", "knn_top1", "raw_linear_top1"}
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all(e["loss"] > 0 for e in epochs)
+
+    # The checkpoint can be evaluated again on its own, and gives the same linear accuracy.
+    (out / "results.json").unlink()
+    run_script("linear_eval.py", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu")
+    again = json.loads((out / "results.json").read_text())
+    for level in ("category", "class"):
+        assert again["levels"][level]["linear_top1"] == pytest.approx(levels[level]["linear_top1"], abs=1e-6)
+
+
+def interrupt_on_epoch(monkeypatch, epoch_to_interrupt):
+    """Make the data iterator raise KeyboardInterrupt when epoch `epoch_to_interrupt` starts (0-based)."""
+    real_batches, calls = data.batches, []
+
+    def batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch_to_interrupt + 1:
+            raise KeyboardInterrupt
+        yield from real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(data, "batches", batches)
+
+
+def test_resume_reproduces_uninterrupted_training(tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, Ctrl-C, --resume, 1 more epoch: identical weights on CPU."""
+    straight = tmp_path / "straight"
+    supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--out", str(straight)]))
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        interrupt_on_epoch(patch, 1)
+        with pytest.raises(SystemExit, match="interrupted"):
+            supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--out", str(interrupted)]))
+    assert torch.load(interrupted / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--out", str(interrupted),
+                                     "--resume", str(interrupted / "checkpoint.pt")]))
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_bad_checkpoints_are_refused_and_kept(tmp_path):
+    """A corrupt or mismatched checkpoint stops the run with a clear message and is not overwritten."""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(tmp_path / "a"), "--resume", str(corrupt)]))
+    assert corrupt.read_bytes() == b"not a checkpoint"
+
+    good = tmp_path / "good"
+    supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(good)]))
+    before = (good / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="batch_size"):
+        supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--batch-size", "32", "--out", str(good),
+                                        "--resume", str(good / "checkpoint.pt")]))
+    with pytest.raises(SystemExit, match="exists"):
+        supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(good)]))
+    assert (good / "checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
+    """A NaN loss stops training with a message naming the step, and no checkpoint is written after it."""
+    monkeypatch.setattr(supcon, "method_loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match=r"non-finite loss .* epoch 1, step 1/"):
+        supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(tmp_path / "nan")]))
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--fraction", "0"), ("--fraction", "1.5"), ("--epochs", "0"),
+                                         ("--batch-size", "-1"), ("--temperature", "0"), ("--dataset", "nope")])
+def test_cli_rejects_bad_values(flag, value, capsys):
+    """Every CLI value is validated before anything runs."""
+    with pytest.raises(SystemExit):
+        supcon.parse_args([flag, value])
+    assert "error" in capsys.readouterr().err
+
+
+def gather_worker(rank, world_size, port, features, labels, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    local_batch = len(features) // world_size
+    local = features[rank * local_batch : (rank + 1) * local_batch].clone().requires_grad_(True)
+    global_features = supcon.gather_across_ranks(local)
+    global_labels = supcon.gather_across_ranks(labels[rank * local_batch : (rank + 1) * local_batch])
+    loss = supcon.supcon_loss(global_features, global_labels, temperature=0.2)
+    loss.backward()
+    results[rank] = (loss.detach(), local.grad)
+    dist.destroy_process_group()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gather_matches_single_process():
+    """Under gloo with 2 ranks, every rank's loss on the gathered batch equals the single-process loss,
+    and each rank's gradient is world_size x the single-process gradient of its rows (DDP averages it back)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 16, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])
+    reference = features.clone().requires_grad_(True)
+    expected = supcon.supcon_loss(reference, labels, temperature=0.2)
+    expected.backward()
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(gather_worker, args=(2, free_port(), features, labels, results), nprocs=2, join=True)
+    for rank in range(2):
+        loss, grad = results[rank]
+        assert torch.allclose(loss, expected.detach(), rtol=1e-12)
+        assert torch.allclose(grad / 2, reference.grad[rank * 4 : (rank + 1) * 4], rtol=1e-10, atol=1e-14)
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2 supcon.py` trains with gloo on CPU and writes one run folder."""
+    out = tmp_path / "ddp"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+               "supcon.py", *TINY, "--epochs", "1", "--out", str(out))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["method"] == "supcon"
+    assert not any(key.startswith("module.") for key in state["model"])
