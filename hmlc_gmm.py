@@ -27,6 +27,7 @@ Run
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -193,39 +194,45 @@ def gmm_masks(embeddings, levels, iters=10):
     Args:
         embeddings: [N, D]; row n is one sample's embedding, its D entries the 1-D data of its GMM.
         levels: L, the number of mixture components and masks.
-        iters: EM iterations (initialised at the row's quantiles, equal weights, the row's variance).
+        iters: EM iterations. Two starts run side by side, from the row's quantiles and from points
+            evenly spaced between its minimum and maximum (each entry first assigned to the nearest);
+            each row keeps the fit with the higher likelihood.
     Returns:
         [L, N, D] float masks of 0/1; mask 0 (coarsest level) holds the entries of the component with
         the largest mean. Each entry is in exactly one mask, except that an empty mask becomes all ones.
     """
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
-    if levels < 1:
-        raise ValueError(f"levels must be at least 1, got {levels}")
+    if levels < 1 or iters < 1:
+        raise ValueError(f"levels and iters must be at least 1, got {levels} and {iters}")
     x = embeddings.double() if embeddings.dtype == torch.float64 else embeddings.float()
     n, dim = x.shape
-    quantiles = (torch.arange(levels, dtype=x.dtype, device=x.device) + 0.5) / levels
-    means = torch.quantile(x, quantiles, dim=1).T  # [N, L]
-    spread = x.var(dim=1, keepdim=True) + 1e-6  # keeps variances positive for constant rows
-    variances = spread.expand(n, levels).clone()
-    log_weights = torch.full((n, levels), -torch.log(torch.tensor(float(levels))).item(), dtype=x.dtype, device=x.device)
+    steps = torch.arange(levels, dtype=x.dtype, device=x.device)
+    quantile_start = torch.quantile(x, (steps + 0.5) / levels, dim=1).T  # [N, L]
+    low, high = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    spaced_start = low + (high - low) * (steps + 0.5) / levels
+    x = x.repeat(2, 1)  # rows [0, N) start at the quantiles, rows [N, 2N) evenly spaced
+    start = torch.cat([quantile_start, spaced_start])
+    # Like scikit-learn, the first M step uses hard responsibilities (nearest starting mean).
+    resp = F.one_hot((x[:, :, None] - start[:, None, :]).abs().argmin(2), levels).to(x.dtype)  # [2N, D, L]
+    floor = 1e-3 * x.var(dim=1, keepdim=True) + 1e-6  # keeps variances positive, also for constant rows
 
-    def log_responsibilities():
-        log_density = -0.5 * ((x[:, :, None] - means[:, None, :]) ** 2 / variances[:, None, :]
-                              + torch.log(2 * torch.pi * variances[:, None, :]))  # [N, D, L]
-        joint = log_weights[:, None, :] + log_density
-        return joint - torch.logsumexp(joint, dim=2, keepdim=True)
+    def log_joint():  # log pi_k + log N(x_d | mu_k, var_k): [2N, D, L]
+        return log_weights[:, None, :] - 0.5 * ((x[:, :, None] - means[:, None, :]) ** 2 / variances[:, None, :]
+                                                + torch.log(2 * math.pi * variances[:, None, :]))
 
     for _ in range(iters):
-        resp = log_responsibilities().exp()  # E step
-        mass = resp.sum(1) + 1e-10  # [N, L]; M step below
+        mass = resp.sum(1) + 1e-10  # M step: [2N, L]
         means = (resp * x[:, :, None]).sum(1) / mass
-        variances = (resp * (x[:, :, None] - means[:, None, :]) ** 2).sum(1) / mass + 1e-3 * spread
+        variances = (resp * (x[:, :, None] - means[:, None, :]) ** 2).sum(1) / mass + floor
         log_weights = torch.log(mass / dim)
-    component = log_responsibilities().argmax(2)  # [N, D]
-    rank_of_component = means.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = largest mean
+        joint = log_joint()  # E step
+        resp = (joint - torch.logsumexp(joint, dim=2, keepdim=True)).exp()
+    better = (torch.logsumexp(joint, dim=2).sum(1).view(2, n).argmax(0) * n) + torch.arange(n, device=x.device)
+    component = joint[better].argmax(2)  # [N, D]
+    rank_of_component = means[better].argsort(dim=1, descending=True).argsort(dim=1)  # 0 = largest mean
     level_of_entry = rank_of_component.gather(1, component)  # [N, D]
-    masks = (level_of_entry[None] == torch.arange(levels, device=x.device)[:, None, None]).to(embeddings.dtype)
+    masks = (level_of_entry[None] == steps.long()[:, None, None]).to(embeddings.dtype)
     empty = masks.sum(2, keepdim=True) == 0
     return torch.where(empty, torch.ones_like(masks), masks)
 

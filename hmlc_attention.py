@@ -1,0 +1,468 @@
+"""A-HMLC: hierarchical contrastive learning with attention feature masks, one file.
+
+Papers: Ott, Vysotskaya, Sun, Servadei, Wille, "Feature Identification for Hierarchical Contrastive
+Learning", arXiv 2510.00837 (2025), on the loss of Zhang, Xu, Xiong, Ramaiah, "Use All The Labels: A
+Hierarchical Multi-Label Contrastive Learning Framework", CVPR 2022 (HMC / HCE / HMCE), itself built
+on SupCon (Khosla et al., NeurIPS 2020, Eq. 2).
+
+What this file implements
+- `hmlc_loss`: HMC, HCE and HMCE (default), shared or per-level features.
+- `LevelAttention`: one small SE-style gate per level, computed from the encoder feature h = f(x),
+  M_l = sigmoid(W2_l ReLU(W1_l h)) in (0, 1)^D, all levels in one batched product. The masks are
+  trained with everything else (gradients flow through them) and may overlap: features can be shared
+  along the tree, where G-HMLC's hard masks partition them.
+- The model: encoder f -> projection head E -> e; level features z_l = normalize(e * M_l) go into
+  `hmlc_loss` with that level's positives.
+- The training loop shared with supcon.py.
+
+Run
+    python hmlc_attention.py                 # hdigits demo, A-HMLC with HMCE
+    python hmlc_attention.py --dataset cifar100 --download --epochs 200
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import data
+import linear_eval
+
+METHOD = "hmlc_attention"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
+@torch.autocast("cpu", enabled=False)
+def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce"):
+    """Hierarchical multi-label contrastive loss of Zhang et al. (CVPR 2022): HMC, HCE or HMCE.
+
+    Levels are counted from the finest, l = 1..L. Level l's positives share the label at level l, and
+    loss_l is SupCon's L_out (Khosla et al., Eq. 2) with those positives. Then
+
+        HMC:  L = 1/L sum_l lambda_l loss_l,          lambda_l = 2^(1/l)  (the reference's "pow_2")
+        HCE:  L = 1/L sum_l max(loss_l, max_{l' < l} loss_l')   (a coarser level's loss is at least
+              every finer level's: a cummax from fine to coarse)
+        HMCE: both: L = 1/L sum_l lambda_l max(loss_l, max_{l' < l} loss_l')
+
+    Every view is used at every level, as the paper describes (the reference code also drops, per
+    level, all but one sample of each label; that is not done here).
+
+    Args:
+        features: [B, V, D] L2-normalised embeddings shared by all levels, or [L, B, V, D] with one
+            (masked) embedding per level, indexed like the label columns (index 0 = coarsest).
+        labels: [B, L] global ids per level, coarse -> fine.
+        temperature: t, the same at every level.
+        loss_type: "hmc", "hce" or "hmce".
+    Returns a scalar in float32 (float64 stays float64), all levels in one batched computation.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, L], got shape {tuple(labels.shape)}")
+    batch, levels = labels.shape
+    if features.dim() == 3:
+        features = features[None]
+    if features.dim() != 4 or features.shape[0] not in (1, levels) or features.shape[1] != batch:
+        raise ValueError(f"features must be [B, V, D] or [L, B, V, D] with B = {batch}, L = {levels}; "
+                         f"got shape {tuple(features.shape)}")
+    if loss_type not in ("hmc", "hce", "hmce"):
+        raise ValueError(f"loss_type must be 'hmc', 'hce' or 'hmce', got {loss_type!r}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    if features.dtype != torch.float64:
+        features = features.float()
+    views = features.shape[2]
+
+    contrast = features.transpose(1, 2).reshape(len(features), views * batch, -1)  # [1 or L, N, D]
+    logits = torch.bmm(contrast, contrast.transpose(1, 2)) / temperature  # shared features: one product
+    is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
+    log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
+    level_labels = labels.T  # [L, B], column order: coarse -> fine
+    positives = (level_labels[:, :, None] == level_labels[:, None, :]).repeat(1, views, views) & ~is_self
+    positive_count = positives.sum(2)
+    per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [L, N]
+    counted = (positive_count > 0).to(per_anchor.dtype)
+    level_loss = (per_anchor * counted).sum(1) / counted.sum(1).clamp(min=1)  # [L], coarse -> fine
+
+    fine_first = level_loss.flip(0)  # index l - 1 holds level l, counted from the finest
+    if loss_type in ("hce", "hmce"):
+        fine_first = fine_first.cummax(0).values
+    if loss_type in ("hmc", "hmce"):
+        fine_first = fine_first * 2.0 ** (1.0 / torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype))
+    return fine_first.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders, projection head and the global-batch gather (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+
+def small_cnn(in_channels, width=32):
+    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
+
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
+    layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 8 * width
+
+
+def cifar_resnet(name, in_channels):
+    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
+    net = getattr(torchvision.models, name)(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+ARCHS = ("cnn", "resnet18", "resnet50")
+
+
+def build_encoder(arch, info):
+    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
+    if arch == "cnn":
+        return small_cnn(info.channels)
+    if arch in ("resnet18", "resnet50"):
+        return cifar_resnet(arch, info.channels)
+    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def projection_head(feature_dim, out_dim=128):
+    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
+
+
+class GatherAcrossRanks(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
+
+    Every rank computes the same loss on the global batch, so the local rows receive world_size times
+    their single-process gradient; DDP's gradient averaging divides that back out.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_across_ranks(tensor):
+    """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return GatherAcrossRanks.apply(tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+class LevelAttention(nn.Module):
+    """Soft feature masks, one per level: M_l = sigmoid(W2_l ReLU(W1_l h)) (squeeze-and-excitation style).
+
+    Input h [N, in_dim]; output [L, N, out_dim] in (0, 1). The L gates are stacked weight tensors, so
+    all levels are one batched product; the hidden width is in_dim // reduction.
+    """
+
+    def __init__(self, in_dim, out_dim, levels, reduction=4):
+        super().__init__()
+        hidden = max(1, in_dim // reduction)
+        self.w1 = nn.Parameter(torch.empty(levels, hidden, in_dim))
+        self.b1 = nn.Parameter(torch.empty(levels, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(levels, out_dim, hidden))
+        self.b2 = nn.Parameter(torch.empty(levels, 1, out_dim))
+        for weight, bias, fan_in in ((self.w1, self.b1, in_dim), (self.w2, self.b2, hidden)):
+            bound = fan_in ** -0.5  # nn.Linear's default initialisation, per level
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, h):
+        hidden = torch.relu(torch.einsum("lki,ni->lnk", self.w1, h) + self.b1)
+        return torch.sigmoid(torch.einsum("lok,lnk->lno", self.w2, hidden) + self.b2)
+
+
+class AHMLCModel(nn.Module):
+    """Encoder f, projection head E and the level gates: returns z_l = normalize(E(f(x)) * M_l(f(x)))."""
+
+    def __init__(self, arch, info):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.head = projection_head(feature_dim)
+        self.attention = LevelAttention(feature_dim, self.head[-1].out_features, len(info.level_names))
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return F.normalize(self.head(h)[None] * self.attention(h), dim=-1)  # [L, N, D]
+
+
+def method_loss(model, views, targets, args, info):
+    """views [V, B, ...] -> HMCE on the global batch with per-level attention-masked features."""
+    num_views, batch = views.shape[:2]
+    z = model(views.flatten(0, 1))
+    z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, L, V, D]
+    z = gather_across_ranks(z).transpose(0, 1)  # [L, B_global, V, D]
+    return hmlc_loss(z, gather_across_ranks(targets), args.temperature, args.loss_type)
+
+
+def build_model(args, info):
+    if info.multilabel:
+        raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
+    return AHMLCModel(args.arch, info)
+
+
+def add_method_arguments(p):
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau (all levels)")
+    p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
+                   help="level weights 2^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
+
+
+def check_method_arguments(p, args):
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line, presets and the training loop (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
+    # The SupCon reference recipe for CIFAR-100.
+    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
+    p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    p.add_argument("--epochs", type=int, help="training epochs; default from the preset")
+    p.add_argument("--batch-size", type=int, help="global batch size (samples, each with 2 views)")
+    p.add_argument("--lr", type=float, help="peak SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
+    p.add_argument("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for lazily composed datasets")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    add_method_arguments(p)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
+    for name, value in positive.items():
+        if value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if min(args.warmup_epochs, args.weight_decay, args.workers) < 0:
+        p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
+    if not 0.0 < args.fraction <= 1.0:
+        p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
+    check_method_arguments(p, args)
+    return args
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warm-up to the peak, then cosine decay to peak/1000."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    floor = peak * 1e-3
+    return floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("method") != METHOD:
+        found = state.get("method") if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"{path} is not a {METHOD} checkpoint (found {found!r})")
+    for key in ("dataset", "arch", "batch_size", "fraction", "seed"):
+        if state["config"][key] != getattr(args, key):
+            raise SystemExit(f"{path} was trained with {key}={state['config'][key]!r}, this run has {getattr(args, key)!r}")
+    return state
+
+
+def setup_distributed(args):
+    """(rank, world_size, device); under torchrun a process group with nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args)
+    seed_everything(args.seed)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if world_size > 1:  # every rank writes into rank 0's run folder
+        shared = [args.out]
+        dist.broadcast_object_list(shared)
+        args.out = shared[0]
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    if rank == 0 and args.resume is None and os.path.exists(checkpoint_path):
+        raise SystemExit(f"{checkpoint_path} exists; pass --resume {checkpoint_path} or another --out")
+    resumed = load_checkpoint(args.resume, args) if args.resume else None
+
+    options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size)
+    train_set = data.load(args.dataset, args.data_dir, "train", **options)
+    info = train_set.info
+    resident = data.to_device(train_set, device)
+
+    model = build_model(args, info).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = model.module if world_size > 1 else model
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps = data.steps_per_epoch(train_set, args.batch_size, world_size)
+    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
+    start_epoch = 0
+    if resumed:
+        core.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch = resumed["epoch"]
+        random.setstate(resumed["rng"]["python"])
+        np.random.set_state(resumed["rng"]["numpy"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+
+    def checkpoint(epoch):
+        if rank == 0:
+            save_checkpoint(checkpoint_path, {
+                "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples): {args.arch}, {args.epochs} epochs "
+              f"x {steps} steps of {args.batch_size}, device {device}, world {world_size} -> {args.out}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    progress = tqdm(total=total_steps, initial=start_epoch * steps, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
+            order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
+            losses, started = [], time.perf_counter()
+            for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size, args.workers)):
+                views = data.two_views(x, info, augment)
+                with autocast:
+                    loss = method_loss(step_model, views, y, args, info)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.detach())
+                progress.update()
+                if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
+                    check_finite(losses, epoch, steps, checkpoint_path)
+                    rate = (step + 1) * args.batch_size * 2 / (time.perf_counter() - started)
+                    progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                                         views_per_s=f"{rate:.0f}")
+            epoch_loss = torch.stack(losses).mean().item()
+            seconds = time.perf_counter() - started
+            if rank == 0:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": epoch + 1, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0],
+                                        "seconds": seconds, "views_per_s": steps * args.batch_size * 2 / seconds}) + "\n")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                checkpoint(epoch + 1)
+    except KeyboardInterrupt:
+        checkpoint(epoch)
+        raise SystemExit(f"\ninterrupted in epoch {epoch + 1}; saved {checkpoint_path} "
+                         f"(--resume restarts epoch {epoch + 1} from these weights)")
+    finally:
+        progress.close()
+
+    results = None
+    if rank == 0 and not args.no_eval:
+        test_set = data.load(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
+        results = linear_eval.evaluate(core.encoder, train_set, test_set, device)
+        results = {"method": METHOD, "dataset": args.dataset, **results}
+        linear_eval.report(results, args.out)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+def check_finite(losses, epoch, steps, checkpoint_path):
+    """Stop at the first non-finite loss of the epoch so far; the last good checkpoint is kept."""
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise SystemExit(f"non-finite loss {values[step].item()} at epoch {epoch + 1}, step {step + 1}/{steps}; "
+                         f"stopping (last good checkpoint, if any: {checkpoint_path})")
+
+
+if __name__ == "__main__":
+    train(parse_args())
