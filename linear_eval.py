@@ -169,6 +169,8 @@ def level_loss(logits, y, level, info):
 def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction=0.0, seed=0):
     """Evaluate a frozen encoder on every label level; returns the `levels` record of results.json."""
     info = train_set.info
+    if info.modality == "image":  # as in training, so that a checkpoint re-evaluates to the same numbers
+        encoder = encoder.to(memory_format=torch.channels_last)
     train_features = extract_features(encoder, train_set, device)
     test_features = extract_features(encoder, test_set, device)
     train_raw, test_raw = raw_inputs(train_set), raw_inputs(test_set)

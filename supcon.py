@@ -8,7 +8,7 @@ What this file implements
   D_enc -> D_enc -> 128), z = normalize(g(f(x))), trained with the finest label as the class.
   Multi-label data: positives are the samples that share at least one label with the anchor.
 - The shared training loop (SPEC §5): presets per dataset, SGD + warm-up + cosine, bf16 autocast and
-  channels_last on CUDA, atomic checkpoints and --resume, DDP under torchrun with a global-batch
+  channels_last, atomic checkpoints and --resume, DDP under torchrun with a global-batch
   all-gather, and a frozen-encoder linear evaluation at the end (linear_eval.py).
 
 Run
@@ -107,7 +107,7 @@ def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode
 # --------------------------------------------------------------------------------------------------
 
 
-def small_cnn(in_channels, width=32):
+def small_cnn(in_channels, width=16):
     """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
 
     def stage(cin, cout):
@@ -228,8 +228,8 @@ def check_method_arguments(p, args):
 # --------------------------------------------------------------------------------------------------
 
 PRESETS = {
-    "hdigits": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
-    "hdigits-multilabel": dict(arch="cnn", batch_size=256, lr=0.2, epochs=8, warmup_epochs=1),
+    "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
     "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
     # The SupCon reference recipe for CIFAR-100.
     "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
@@ -344,7 +344,7 @@ def train(args):
     resident = data.to_device(train_set, device)
 
     model = build_model(args, info).to(device)
-    if device.type == "cuda":
+    if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         if args.sync_bn:
