@@ -284,7 +284,17 @@ class HierarchicalMNIST(Dataset):
 # The entry point
 # --------------------------------------------------------------------------------------------------
 
-DATASETS = ("hdigits", "hdigits-multilabel", "cifar100", "hmnist")
+# Each loader: (root, split, download, seed, **options) -> Dataset with .info and .targets.
+LOADERS = {
+    "hdigits": lambda root, split, download, seed, size=None, **_: hdigits_split(
+        split, size or (5000 if split == "train" else 1000), multilabel=False),
+    "hdigits-multilabel": lambda root, split, download, seed, size=None, **_: hdigits_split(
+        split, size or (5000 if split == "train" else 1000), multilabel=True),
+    "cifar100": lambda root, split, download, seed, **_: cifar100_split(root, split, download),
+    "hmnist": lambda root, split, download, seed, image_size=None, **_: HierarchicalMNIST(
+        root, split, download, image_size=image_size or 192, seed=seed),
+}
+DATASETS = tuple(LOADERS)
 
 
 def load(name, root="./data", split="train", download=False, fraction=1.0, seed=0, **options):
@@ -292,21 +302,15 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
     `fraction` keeps a class-stratified fraction of the training split, drawn from `seed` (the same
     subset for every method). Options: `size` (hdigits composites; 5000 train / 1000 test by default),
-    `image_size` (hmnist canvas, 192 as in the paper).
+    `image_size` (hmnist canvas, 192 as in the paper); options a dataset does not use are ignored.
     """
-    if name not in DATASETS:
+    if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    if name in ("hdigits", "hdigits-multilabel"):
-        size = options.get("size") or (5000 if split == "train" else 1000)
-        dataset = hdigits_split(split, size, multilabel=name == "hdigits-multilabel")
-    elif name == "cifar100":
-        dataset = cifar100_split(root, split, download)
-    else:
-        dataset = HierarchicalMNIST(root, split, download, image_size=options.get("image_size") or 192, seed=seed)
+    dataset = LOADERS[name](root, split, download, seed, **options)
     if split == "train" and fraction < 1.0:
         dataset = dataset.subset(stratified_indices(dataset.targets, fraction, seed))
     return dataset

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -42,14 +43,19 @@ def mean_std(values):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", action="append", required=True, help="NAME=SCRIPT [ARGS...]")
+    p.add_argument("--variant", action="append", required=True, help="NAME=SCRIPT.py [ARGS...]")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--common", default="", help="arguments given to every run, e.g. '--epochs 8'")
     p.add_argument("--runs", default="runs/bench", help="folder for the individual runs")
     p.add_argument("--markdown", required=True, help="file the table is written to")
     args = p.parse_args()
-    variants = [(spec.split("=", 1)[0], shlex.split(spec.split("=", 1)[1])) for spec in args.variant]
+    variants = []
+    for spec in args.variant:
+        match = re.match(r"(.+)=(\S+\.py\b.*)$", spec)  # the name may hold "=", the script ends in .py
+        if not match:
+            p.error(f"--variant must look like NAME=SCRIPT.py [ARGS...], got {spec!r}")
+        variants.append((match.group(1), shlex.split(match.group(2))))
     common = shlex.split(args.common)
 
     rows, started = [], time.time()
