@@ -8,20 +8,29 @@ FloatTensor [K].
     views = data.two_views(x, ds.info, generator)        # [2, B, C, H, W], per-sample random parameters
 
 Image datasets are held as uint8 tensors ("resident": the training loop moves them to the GPU once and
-slices batches there); `hmnist` composes its images lazily and goes through a DataLoader.
+slices batches there); `hmnist` composes its images lazily and goes through a DataLoader. Point clouds
+(`modelnet40`, `shapes`) are resident float32 tensors [N, P, 3], unit-sphere normalised. Text
+(`wos`, `20newsgroups`, `skdocs`, `skdocs-multilabel`) is resident as hashed word ids [N, 256]
+(LongTensor, 0 = padding; see TEXT_LENGTH); `rcv1` keeps its TF-IDF matrix sparse and densifies batches.
 """
 
+import functools
 import gzip
+import inspect
+import itertools
 import math
 import os
 import pickle
+import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 
 @dataclass
@@ -44,23 +53,39 @@ class DatasetInfo:
     extra: dict = field(default_factory=dict)
 
 
-class ImageTensorDataset(Dataset):
-    """Images as a uint8 tensor [N, C, H, W] and their targets, small enough to keep resident."""
+class ResidentDataset(Dataset):
+    """Inputs [N, ...] and targets as tensors, small enough to keep resident (batches are sliced in place)."""
 
-    def __init__(self, images, targets, info):
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
-        self.images, self.targets, self.info = images, targets, info
+    def __init__(self, inputs, targets, info):
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.inputs, self.targets, self.info = inputs, targets, info
 
     def __len__(self):
-        return len(self.images)
+        return len(self.inputs)
 
     def __getitem__(self, index):
-        return self.images[index], self.targets[index]
+        return self.inputs[index], self.targets[index]
 
     def subset(self, indices):
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return ImageTensorDataset(self.images[indices], self.targets[indices], self.info)
+        return type(self)(self.inputs[indices], self.targets[indices], self.info)
+
+
+class ImageTensorDataset(ResidentDataset):
+    """Images as a uint8 tensor [N, C, H, W] and their targets."""
+
+    @property
+    def images(self):
+        return self.inputs
+
+
+class PointCloudDataset(ResidentDataset):
+    """Point clouds as a float32 tensor [N, P, 3] (unit-sphere normalised) and their targets."""
+
+    @property
+    def points(self):
+        return self.inputs
 
 
 class IndexedSubset(Dataset):
@@ -281,6 +306,586 @@ class HierarchicalMNIST(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
+# Point clouds: ModelNet40 (resampled text files, or Princeton's OFF meshes) and procedural shapes.
+# --------------------------------------------------------------------------------------------------
+
+
+def unit_sphere(points):
+    """Centre each cloud [..., P, 3] at its mean and divide by its largest point norm (max norm 1)."""
+    points = points - points.mean(axis=-2, keepdims=True)
+    radius = np.linalg.norm(points, axis=-1).max(axis=-1)[..., None, None]
+    return points / np.maximum(radius, 1e-12)
+
+
+def sample_surface(triangles, count, rng):
+    """`count` points uniformly distributed on each triangle mesh's surface: [B, F, 3, 3] -> [B, count, 3].
+
+    Faces are chosen with probability proportional to their area (one searchsorted over every mesh's
+    cumulative areas, mesh b shifted to [b, b + 1]), then a uniform point inside the chosen triangle
+    (a, b, c) is (1 - sqrt(r1)) a + sqrt(r1) (1 - r2) b + sqrt(r1) r2 c with r1, r2 ~ U(0, 1).
+    """
+    a, b, c = triangles[:, :, 0], triangles[:, :, 1], triangles[:, :, 2]
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=-1).astype(np.float64)  # [B, F]
+    if not (area.sum(axis=1) > 0).all():
+        raise ValueError("cannot sample the surface of a mesh with zero area")
+    meshes, faces = area.shape
+    cdf = np.cumsum(area, axis=1)
+    offset = np.arange(meshes)[:, None]
+    cdf = cdf / cdf[:, -1:] + offset  # row b ends exactly at b + 1
+    face = np.searchsorted(cdf.ravel(), (rng.random((meshes, count)) + offset).ravel(), side="right")
+    face = np.minimum(face.reshape(meshes, count) - offset * faces, faces - 1)
+    s, r2 = np.sqrt(rng.random((meshes, count, 1))), rng.random((meshes, count, 1))
+    return (1 - s) * a[offset, face] + s * (1 - r2) * b[offset, face] + s * r2 * c[offset, face]
+
+
+def read_off(path):
+    """(vertices [V, 3], triangles [F, 3]) of an OFF mesh; polygons with more corners become fans.
+
+    Princeton's ModelNet files sometimes glue the counts to the magic word: "OFF490 518 0".
+    """
+    with open(path) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines or not lines[0].startswith("OFF"):
+        raise ValueError(f"{path} is not an OFF file (it starts with {lines[:1]})")
+    counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
+    try:
+        num_vertices, num_faces = int(counts[0]), int(counts[1])
+        vertex_lines = lines[start : start + num_vertices]
+        face_lines = lines[start + num_vertices : start + num_vertices + num_faces]
+        if len(vertex_lines) != num_vertices or len(face_lines) != num_faces:
+            raise ValueError(f"the header announces {num_vertices} vertices and {num_faces} faces")
+        vertices = np.array([line.split()[:3] for line in vertex_lines], dtype=np.float64).reshape(num_vertices, 3)
+        tokens = " ".join(face_lines).split()
+        if len(tokens) == 4 * num_faces and all(count == "3" for count in tokens[0::4]):  # triangles only
+            faces = np.array(tokens, dtype=np.int64).reshape(num_faces, 4)[:, 1:]
+        else:
+            faces = []
+            for line in face_lines:
+                corners = [int(t) for t in line.split()]
+                polygon = corners[1 : 1 + corners[0]]
+                faces += [(polygon[0], polygon[k], polygon[k + 1]) for k in range(1, len(polygon) - 1)]
+            faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"{path}: malformed OFF file ({error})") from error
+    if len(faces) == 0 or faces.min() < 0 or faces.max() >= num_vertices:
+        raise ValueError(f"{path}: face indices must lie in [0, {num_vertices})")
+    return vertices, faces
+
+
+MODELNET40_CLASSES = [
+    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
+    "cup", "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard", "lamp",
+    "laptop", "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio", "range_hood", "sink",
+    "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase", "wardrobe", "xbox",
+]
+# Our grouping of the 40 classes into 8 coarse groups (ModelNet40 has no hierarchy of its own), by what
+# the object is for; any {class: group} dict covering the 40 classes can replace it (`groups=`).
+MODELNET40_GROUPS = {
+    **dict.fromkeys(["bed", "bench", "chair", "sofa", "stool"], "seating"),
+    **dict.fromkeys(["bookshelf", "desk", "dresser", "night_stand", "table", "tv_stand", "wardrobe"],
+                    "tables_storage"),
+    **dict.fromkeys(["airplane", "car"], "vehicles"),
+    **dict.fromkeys(["bottle", "bowl", "cup", "flower_pot", "glass_box", "vase"], "containers"),
+    **dict.fromkeys(["keyboard", "lamp", "laptop", "monitor", "radio", "xbox"], "electronics"),
+    **dict.fromkeys(["bathtub", "range_hood", "sink", "toilet"], "fixtures"),
+    **dict.fromkeys(["cone", "curtain", "door", "mantel", "stairs", "tent"], "structures"),
+    **dict.fromkeys(["guitar", "person", "piano", "plant"], "people_plants_music"),
+}
+MODELNET40_SOURCES = ("modelnet40_normal_resampled.zip (the PointNet++ release, once at "
+                      "https://shapenet.cs.stanford.edu/media/; copies circulate under that file name) or Princeton's "
+                      "ModelNet40.zip (https://modelnet.cs.princeton.edu/)")
+
+
+def modelnet40_split(root, split, download=False, groups=None, points=1024):
+    """ModelNet40 point clouds [N, points, 3], unit-sphere normalised, with (group, class) targets.
+
+    Reads ROOT/modelnet40_normal_resampled/ (class folders of "x,y,z,nx,ny,nz" text files; the first
+    `points` points of each file are kept, as PointNet++ does) or else Princeton's OFF meshes under
+    ROOT/ModelNet40/<class>/<split>/*.off (`points` area-weighted surface samples, seeded by the file's
+    position in the split, so the result is the same every time). Either is parsed once and cached
+    beside the data as modelnet40_<split>_<points>.npy (+ _labels.npy); delete those to re-parse.
+    Class ids follow modelnet40_shape_names.txt (the 40 names in alphabetical order).
+    """
+    resampled, meshes = os.path.join(root, "modelnet40_normal_resampled"), os.path.join(root, "ModelNet40")
+    if not (os.path.isdir(resampled) or os.path.isdir(meshes)):
+        where = f"{resampled} (or OFF meshes under {meshes})"
+        if download:
+            raise FileNotFoundError(f"ModelNet40 cannot be downloaded automatically (there is no stable "
+                                    f"checksummed source); expected {where}. Get {MODELNET40_SOURCES} and "
+                                    f"unzip it into {root}.")
+        raise FileNotFoundError(f"ModelNet40 not found at {where}; get {MODELNET40_SOURCES} and unzip it into "
+                                f"{root} (--download cannot fetch it: there is no stable checksummed source)")
+    folder = resampled if os.path.isdir(resampled) else meshes
+    names = MODELNET40_CLASSES
+    if folder == resampled:
+        with open(os.path.join(resampled, "modelnet40_shape_names.txt")) as f:
+            names = [line.strip() for line in f if line.strip()]
+    groups = MODELNET40_GROUPS if groups is None else groups
+    missing = [name for name in names if name not in groups]
+    if missing:
+        raise ValueError(f"groups has no coarse group for {missing}")
+    group_names = sorted({groups[name] for name in names})
+
+    cache = os.path.join(folder, f"modelnet40_{split}_{points}")
+    if os.path.exists(cache + ".npy") and os.path.exists(cache + "_labels.npy"):
+        clouds, fine = np.load(cache + ".npy"), np.load(cache + "_labels.npy")
+    else:
+        clouds, fine = (read_resampled if folder == resampled else read_meshes)(folder, split, names, points)
+        clouds = unit_sphere(clouds).astype(np.float32)
+        for path, array in ((cache + ".npy", clouds), (cache + "_labels.npy", fine)):
+            with open(path + ".tmp", "wb") as f:  # atomic: an interrupted parse leaves no half cache
+                np.save(f, array)
+            os.replace(path + ".tmp", path)
+    fine = torch.from_numpy(fine).long()
+    coarse = torch.tensor([group_names.index(groups[name]) for name in names])[fine]
+    info = DatasetInfo("modelnet40", "points", ["group", "class"], [len(group_names), len(names)], False,
+                       [group_names, list(names)])
+    return PointCloudDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
+
+
+def read_resampled(folder, split, names, points):
+    """The first `points` xyz rows of every text file listed in modelnet40_<split>.txt, and their class ids."""
+    with open(os.path.join(folder, f"modelnet40_{split}.txt")) as f:
+        samples = [line.strip() for line in f if line.strip()]
+    class_id = {name: i for i, name in enumerate(names)}
+    clouds, fine = np.empty((len(samples), points, 3), dtype=np.float32), np.empty(len(samples), dtype=np.int64)
+    for i, sample in enumerate(tqdm(samples, desc=f"parsing ModelNet40 {split} (once)", leave=False)):
+        name = sample.rsplit("_", 1)[0]  # "night_stand_0001" -> "night_stand"
+        path = os.path.join(folder, name, sample + ".txt")
+        with open(path) as f:
+            xyz = np.loadtxt(itertools.islice(f, points), delimiter=",", usecols=(0, 1, 2), ndmin=2)
+        if len(xyz) != points:
+            raise ValueError(f"{path} has {len(xyz)} points, fewer than the {points} asked for")
+        clouds[i], fine[i] = xyz, class_id[name]
+    return clouds, fine
+
+
+def read_meshes(folder, split, names, points):
+    """`points` area-weighted surface samples of every OFF mesh of the split, and their class ids."""
+    files = [(i, os.path.join(folder, name, split, file)) for i, name in enumerate(names)
+             if os.path.isdir(os.path.join(folder, name, split))
+             for file in sorted(os.listdir(os.path.join(folder, name, split))) if file.endswith(".off")]
+    if not files:
+        raise FileNotFoundError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
+    clouds, fine = np.empty((len(files), points, 3), dtype=np.float32), np.empty(len(files), dtype=np.int64)
+    for k, (class_id, path) in enumerate(tqdm(files, desc=f"sampling ModelNet40 {split} meshes (once)", leave=False)):
+        vertices, faces = read_off(path)
+        rng = np.random.default_rng([{"train": 0, "test": 1}[split], k])
+        clouds[k], fine[k] = sample_surface(vertices[faces][None], points, rng)[0], class_id
+    return clouds, fine
+
+
+SHAPES = ["sphere", "ellipsoid", "torus", "cylinder", "cone", "cube", "box", "pyramid"]  # 5 curved, 3 flat
+
+
+def revolve(profile, segments):
+    """Triangles [B, 2 K segments, 3, 3] of the surfaces swept by profiles [B, K + 1, 2] of (radius, height)
+    turning around the z axis in `segments` steps; the first step is at 45 degrees, so that four steps
+    make an axis-aligned square (a cone with four sides is a square pyramid)."""
+    angle = np.pi / 4 + 2 * np.pi * np.arange(segments + 1) / segments
+    radius, height = profile[..., 0, None], profile[..., 1, None]
+    grid = np.stack([radius * np.cos(angle), radius * np.sin(angle), np.broadcast_to(height, radius.shape[:-1] + angle.shape)], axis=-1)
+    p00, p01, p10, p11 = grid[:, :-1, :-1], grid[:, :-1, 1:], grid[:, 1:, :-1], grid[:, 1:, 1:]
+    quads = np.concatenate([np.stack([p00, p01, p11], axis=-2), np.stack([p00, p11, p10], axis=-2)], axis=1)
+    return quads.reshape(len(profile), -1, 3, 3)
+
+
+def shape_meshes(shape, n, rng):
+    """Triangle meshes [n, F, 3, 3] of one procedural shape with random proportions (before rotation)."""
+
+    def uniform(low, high):
+        return rng.uniform(low, high, n)
+
+    def profile(*corners):  # (radius, height) pairs, each a number or an [n] array -> [n, K, 2]
+        return np.stack([np.broadcast_to(value, n) for corner in corners for value in corner], -1).reshape(n, -1, 2)
+
+    arc = np.linspace(0, np.pi, 25)
+    axes = np.ones((n, 3))
+    if shape in ("sphere", "ellipsoid"):
+        triangles = revolve(np.broadcast_to(np.stack([np.sin(arc), np.cos(arc)], -1), (n, 25, 2)), 48)
+        if shape == "ellipsoid":
+            axes[:, 1], axes[:, 2] = uniform(0.35, 0.75), uniform(0.35, 0.75)
+    elif shape == "torus":
+        tube = uniform(0.2, 0.5)[:, None]
+        loop = np.linspace(0, 2 * np.pi, 25)
+        triangles = revolve(np.stack([1 + tube * np.cos(loop), tube * np.sin(loop)], -1), 48)
+    elif shape in ("cylinder", "cube", "box"):
+        half = uniform(0.4, 1.25) if shape == "cylinder" else np.full(n, np.sqrt(0.5))  # cube: side = height
+        triangles = revolve(profile((0, -half), (1, -half), (1, half), (0, half)), 48 if shape == "cylinder" else 4)
+        if shape == "box":
+            axes[:, 1], axes[:, 2] = uniform(0.35, 0.75), uniform(0.35, 0.75)
+    elif shape in ("cone", "pyramid"):
+        triangles = revolve(profile((0, 0), (1, 0), (0, uniform(1.0, 2.5))), 48 if shape == "cone" else 4)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return triangles * axes[:, None, None, :]
+
+
+def random_rotations(n, rng):
+    """n uniformly random rotation matrices [n, 3, 3] (from normalised Gaussian quaternions)."""
+    quaternion = rng.normal(size=(n, 4))
+    w, x, y, z = (quaternion / np.linalg.norm(quaternion, axis=1, keepdims=True)).T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], axis=1)
+
+
+def shapes_split(split, size, points=256):
+    """Procedural point clouds: `size` samples balanced over SHAPES, curved / polyhedral -> shape.
+
+    256 points per cloud by default (ModelNet40 has 1024): enough for these simple surfaces, and it makes
+    the CPU demo four times faster (PointNet's cost is linear in the points); `points=1024` is one option away.
+
+    Every shape is a triangle mesh (curved ones finely tessellated) with random proportions (ellipsoid
+    and box axes, torus tube, cylinder/cone/pyramid height), `points` area-weighted surface samples,
+    a uniformly random rotation and the unit-sphere normalisation (which removes any overall scale).
+    Train and test are drawn from different fixed seeds, not the run seed, so every run sees the same data.
+    """
+    rng = np.random.default_rng({"train": 1, "test": 2}[split])
+    fine = rng.permutation(np.arange(size) % len(SHAPES))
+    clouds = np.empty((size, points, 3), dtype=np.float32)
+    for k, shape in enumerate(SHAPES):
+        where = np.flatnonzero(fine == k)
+        surface = sample_surface(shape_meshes(shape, len(where), rng), points, rng)
+        clouds[where] = unit_sphere(np.einsum("npj,nij->npi", surface, random_rotations(len(where), rng)))
+    fine = torch.from_numpy(fine).long()
+    coarse = (fine >= SHAPES.index("cube")).long()
+    info = DatasetInfo("shapes", "points", ["surface", "shape"], [2, len(SHAPES)], False,
+                       [["curved", "polyhedral"], list(SHAPES)])
+    return PointCloudDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text: documents as fixed-length rows of hashed word ids; n-grams are hashed per batch.
+# --------------------------------------------------------------------------------------------------
+
+# A document is a LongTensor [TEXT_LENGTH] of its first TEXT_LENGTH word ids, 0-padded. A word's id is
+# the CRC-32 of its lower-cased text mod TEXT_BUCKETS, plus 1 (0 is padding): no vocabulary is built or
+# stored, and the ids are the same on every machine. Bigrams are hashed from adjacent word ids when a
+# batch goes into the encoder (`ngram_ids`), after the views have dropped and shuffled words.
+TEXT_LENGTH = 256
+TEXT_BUCKETS = 2 ** 18
+MASK = "[MASK]"  # stands for a masked word (skdocs masks the estimator's own name); one token
+TOKEN = re.compile(r"\[mask\]|[a-z0-9]+")
+
+
+def tokenize(text):
+    """Lower-cased words and numbers; punctuation and underscores split words."""
+    return TOKEN.findall(text.lower())
+
+
+def hash_token(token, buckets=TEXT_BUCKETS):
+    """A word's id in 1..buckets (CRC-32 of its UTF-8 bytes, stable across processes, unlike hash())."""
+    return zlib.crc32(token.encode("utf-8")) % buckets + 1
+
+
+def encode_texts(texts, length=TEXT_LENGTH, buckets=TEXT_BUCKETS):
+    """Documents -> LongTensor [N, length] of hashed word ids: the first `length` words, 0-padded."""
+    ids = np.zeros((len(texts), length), dtype=np.int64)
+    known = {}
+    for row, text in enumerate(texts):
+        words = tokenize(text)[:length]
+        ids[row, : len(words)] = [known[w] if w in known else known.setdefault(w, hash_token(w, buckets))
+                                  for w in words]
+    return torch.from_numpy(ids)
+
+
+def ngram_ids(words, buckets=TEXT_BUCKETS):
+    """Word ids [B, T] -> hashed uni- and bigram ids [B, 2T - 1]: the words, then one id per adjacent
+    pair, ((a * 0x9E3779B1 + b * 0x7FEB352D) mod buckets) + 1, or 0 where either word is padding.
+    Words and bigrams share the buckets, as in fastText."""
+    first, second = words[:, :-1], words[:, 1:]
+    bigrams = (first * 0x9E3779B1 + second * 0x7FEB352D) % buckets + 1
+    bigrams = torch.where((first > 0) & (second > 0), bigrams, torch.zeros_like(bigrams))
+    return torch.cat([words, bigrams], dim=1)
+
+
+def text_view(words, generator, drop=0.1, window=3.0):
+    """Token dropout and local shuffle of word ids [B, T], every word of every sample drawn on its own.
+
+    A word is dropped with probability `drop`; a kept word at position t is sorted by t + U[0, window), so
+    it only trades places with words less than `window` positions away. Kept words are packed to the
+    front in that order and the rest is padding (0), so padding stays padding.
+    """
+    length = words.shape[1]
+    jitter = window * torch.rand(words.shape, generator=generator, device=words.device)
+    keep = (words > 0) & (torch.rand(words.shape, generator=generator, device=words.device) >= drop)
+    key = torch.arange(length, device=words.device) + jitter + (~keep) * (2.0 * length + window)
+    order = key.argsort(dim=1)
+    return torch.where(keep.gather(1, order), words.gather(1, order), torch.zeros_like(words))
+
+
+def tfidf_view(x, generator, drop=0.1):
+    """A view of TF-IDF rows [B, D]: every entry dropped with probability `drop`, rows L2-renormalised."""
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= drop
+    return F.normalize(x.float() * keep, dim=1)
+
+
+class TextDataset(ResidentDataset):
+    """Documents as hashed word ids, a LongTensor [N, TEXT_LENGTH] (0 = padding), and their targets."""
+
+
+class TfidfDataset(Dataset):
+    """TF-IDF rows kept as a scipy sparse matrix [N, D] (rcv1: 47,236 columns) and their targets.
+
+    Items come back dense (float32). Too large to densify whole, so it is not resident: batches go
+    through a DataLoader, which densifies one batch at a time (`__getitems__`).
+    """
+
+    def __init__(self, matrix, targets, info):
+        if matrix.shape[0] != len(targets):
+            raise ValueError(f"{matrix.shape[0]} documents but {len(targets)} targets")
+        self.matrix, self.targets, self.info = matrix, targets, info
+
+    def __len__(self):
+        return self.matrix.shape[0]
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.matrix[[index]].toarray()[0]), self.targets[index]
+
+    def __getitems__(self, indices):
+        rows = torch.from_numpy(self.matrix[np.asarray(indices)].toarray())
+        return list(zip(rows, self.targets[torch.as_tensor(indices)]))
+
+    def subset(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return TfidfDataset(self.matrix[indices.numpy()], self.targets[indices], self.info)
+
+
+def text_info(name, level_names, label_names, multilabel=False, **extra):
+    """DatasetInfo of a text dataset; word-id inputs record their bucket count and length in `extra`."""
+    if extra.get("input") != "tfidf":
+        extra = {"input": "words", "buckets": TEXT_BUCKETS, "length": TEXT_LENGTH, **extra}
+    return DatasetInfo(name, "text", level_names, [len(names) for names in label_names], multilabel,
+                       label_names, channels=0, image_size=0, mean=(), std=(), augment="text", extra=extra)
+
+
+def split_indices(keys, split, test_fraction=0.2, seed=0):
+    """Indices of a fixed class-stratified train/test split: round(test_fraction * n) of each class's n
+    members go to test. The seed is fixed (not the run's), so every method sees the same split."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.as_tensor(keys)
+    chosen = []
+    for key in keys.unique():
+        members = (keys == key).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = round(test_fraction * len(members))
+        chosen.append(members[:cut] if split == "test" else members[cut:])
+    return torch.cat(chosen).sort().values
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().splitlines()
+
+
+WOS_URL = ("https://data.mendeley.com/public-files/datasets/9rw3vkcfy4/files/"
+           "c9ea673d-5542-44c0-ab7b-f1311f7d61df/file_downloaded")  # WebOfScience.zip, Mendeley Data v6
+
+
+def wos_split(root, split):
+    """Web of Science WOS-46985 (Kowsari et al. 2017, HDLTex; Mendeley Data doi:10.17632/9rw3vkcfy4.6).
+
+    Reads ROOT/WebOfScience/WOS46985/{X,Y,YL1,YL2}.txt, one document per line: X the abstract, YL1 the
+    domain (0..6), YL2 the area inside its domain, Y the global area id (0..133), which is the fine label.
+    Every Y must come with a single (YL1, YL2) pair (else ValueError). Train/test: a fixed stratified
+    80/20 split of the areas. Names are "domain k" / "area y" (the archive's spreadsheet is not read).
+    Not downloaded automatically: Mendeley Data publishes no checksum for WebOfScience.zip (WOS_URL).
+    """
+    folder = os.path.join(root, "WebOfScience", "WOS46985")
+    paths = {name: os.path.join(folder, f"{name}.txt") for name in ("X", "Y", "YL1", "YL2")}
+    if not all(os.path.exists(path) for path in paths.values()):
+        raise FileNotFoundError(f"WOS-46985 not found at {folder} (X.txt, Y.txt, YL1.txt, YL2.txt); get "
+                                f"WebOfScience.zip from Mendeley Data (doi:10.17632/9rw3vkcfy4.6, {WOS_URL}) and "
+                                f"unzip it into {os.path.join(root, 'WebOfScience')} (--download cannot fetch it: "
+                                f"there is no published checksum)")
+    texts = read_lines(paths["X"])
+    labels = {}
+    for name in ("Y", "YL1", "YL2"):
+        try:
+            labels[name] = torch.tensor([int(value) for value in read_lines(paths[name])], dtype=torch.long)
+        except ValueError as error:
+            raise ValueError(f"{paths[name]}: {error}") from error
+        if len(labels[name]) != len(texts):
+            raise ValueError(f"{paths[name]} has {len(labels[name])} lines but {paths['X']} has {len(texts)}")
+    area, domain, local = labels["Y"], labels["YL1"], labels["YL2"]
+    if min(area.min(), domain.min(), local.min()) < 0:
+        raise ValueError(f"{folder}: negative label ids")
+    for y in area.unique().tolist():
+        pairs = torch.stack([domain[area == y], local[area == y]], dim=1).unique(dim=0)
+        if len(pairs) > 1:
+            raise ValueError(f"{folder}: area Y={y} comes with {len(pairs)} different (YL1, YL2) pairs "
+                             f"{pairs.tolist()[:4]}: Y.txt and YL1.txt/YL2.txt disagree")
+    keep = split_indices(area, split)
+    info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in range(int(domain.max()) + 1)],
+                                                 [f"area {y}" for y in range(int(area.max()) + 1)]])
+    targets = torch.stack([domain, area], dim=1)[keep]
+    return TextDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+
+
+def newsgroups_split(root, split, download):
+    """20 Newsgroups (bydate split) through sklearn's fetch_20newsgroups, headers, footers and quotes
+    removed. Levels: the group name's top-level prefix ("rec") -> the full group name ("rec.autos")."""
+    from sklearn.datasets import fetch_20newsgroups
+
+    try:
+        bunch = fetch_20newsgroups(data_home=root, subset=split, download_if_missing=download,
+                                   remove=("headers", "footers", "quotes"))
+    except OSError as error:  # FileNotFoundError included; a failed download is raised as it is
+        if download:
+            raise
+        raise FileNotFoundError(f"20 Newsgroups not found in {root} (scikit-learn's 20news-bydate_py3.pkz); "
+                                f"pass --download to fetch it ({error})") from error
+    groups = list(bunch.target_names)
+    tops = sorted({group.split(".")[0] for group in groups})
+    fine = torch.as_tensor(np.asarray(bunch.target), dtype=torch.long)
+    coarse = torch.tensor([tops.index(group.split(".")[0]) for group in groups], dtype=torch.long)[fine]
+    info = text_info("20newsgroups", ["top", "group"], [tops, groups])
+    return TextDataset(encode_texts(bunch.data), torch.stack([coarse, fine], dim=1), info)
+
+
+RCV1_ROOTS = ("CCAT", "ECAT", "GCAT", "MCAT")
+
+
+def rcv1_split(root, split, download, seed, test_size=20_000):
+    """RCV1-v2 (Lewis et al. 2004) through sklearn's fetch_rcv1: the LYRL2004 split (23,149 train
+    documents), their log TF-IDF vectors [N, 47236] kept sparse, and 103 topics as multi-hot targets.
+
+    Label groups (info.extra["label_groups"], for mlcl.py's group heads): a topic belongs to the root
+    topic whose code letter it starts with (C15 -> CCAT, E21 -> ECAT, GDIS -> GCAT, M11 -> MCAT).
+    The official test split has 781,265 documents; the loader keeps a random `test_size` of them
+    (drawn from `seed`; None keeps all), because evaluation densifies the test set for the raw floor
+    (20,000 x 47,236 floats = 3.8 GB).
+    """
+    import scipy.sparse
+    from sklearn.datasets import fetch_rcv1
+
+    try:
+        bunch = fetch_rcv1(data_home=root, subset=split, download_if_missing=download)
+    except OSError as error:
+        if download:
+            raise
+        raise FileNotFoundError(f"RCV1 not found in {os.path.join(root, 'RCV1')} (scikit-learn's "
+                                f"samples_py3.pkl and sample_topics_py3.pkl); pass --download to fetch it "
+                                f"({error})") from error
+    topics = [str(name) for name in bunch.target_names]
+    groups = [(group, [k for k, topic in enumerate(topics) if topic[0] == group[0]]) for group in RCV1_ROOTS]
+    if sum(len(members) for _, members in groups) != len(topics):
+        raise ValueError(f"RCV1 topics outside the four roots {RCV1_ROOTS}: {topics}")
+    inputs = scipy.sparse.csr_matrix(bunch.data, dtype=np.float32)
+    targets = torch.from_numpy(np.asarray(bunch.target.toarray(), dtype=np.float32))
+    if split == "test" and test_size is not None and test_size < len(targets):
+        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:test_size].sort().values
+        inputs, targets = inputs[keep.numpy()], targets[keep]
+    info = text_info("rcv1", ["topics"], [topics], multilabel=True, input="tfidf", input_dim=inputs.shape[1],
+                     label_groups=groups)
+    return TfidfDataset(inputs, targets, info)
+
+
+ESTIMATOR_TYPES = ("classifier", "regressor", "transformer", "clusterer")
+
+
+def docstring_documents(doc):
+    """A numpydoc docstring -> its documents: the summary (the text before the first section) and one
+    per entry of the Parameters section ("name : type" line and its indented description)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    sections, name = {"summary": []}, "summary"
+    index = 0
+    while index < len(lines):
+        if index + 1 < len(lines) and lines[index].strip() and re.fullmatch(r"\s*-{3,}\s*", lines[index + 1]):
+            name = lines[index].strip()
+            sections[name] = []
+            index += 2
+            continue
+        sections[name].append(lines[index])
+        index += 1
+    documents = ["\n".join(sections["summary"]).strip()]
+    for line in sections.get("Parameters", []):
+        if line.strip() and not line[0].isspace():
+            documents.append(line)
+        elif len(documents) > 1:
+            documents[-1] += "\n" + line
+    return [document.strip() for document in documents if tokenize(document)]
+
+
+def camel_pieces(word):
+    """"MLPClassifier" -> ["MLP", "Classifier"]; "NuSVC" -> ["Nu", "SVC"]."""
+    return re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+", word)
+
+
+def mask_name(text, name):
+    """Replace an estimator's name and its CamelCase pieces of two or more letters (any case, also
+    inside other CamelCase words: "LogisticRegression" in LogisticRegressionCV's text) by MASK."""
+    masked = {name.lower()} | {piece.lower() for piece in camel_pieces(name) if len(piece) > 1}
+
+    def replace(match):
+        word = match.group(0)
+        if word.lower() in masked:
+            return MASK
+        parts = camel_pieces(word)
+        return " ".join(MASK if part.lower() in masked else part for part in parts) \
+            if any(part.lower() in masked for part in parts) else word
+
+    return re.sub(r"[A-Za-z0-9]+", replace, text)
+
+
+@functools.lru_cache(maxsize=1)
+def skdocs_corpus(min_documents=4):
+    """(texts, sub-module id, estimator id, estimator-type multi-hot, sub-module names, estimator names)
+    from the docstrings of sklearn.utils.all_estimators(), estimators with < min_documents dropped.
+
+    Estimator types follow scikit-learn's own `all_estimators(type_filter=...)`: subclasses of
+    ClassifierMixin, RegressorMixin, TransformerMixin and ClusterMixin (sklearn.base.is_classifier
+    and friends only accept instances in recent versions). The corpus depends on the installed
+    scikit-learn version.
+    """
+    import warnings
+
+    from sklearn.base import ClassifierMixin, ClusterMixin, RegressorMixin, TransformerMixin
+    from sklearn.utils import all_estimators
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimators = all_estimators()
+    mixins = (ClassifierMixin, RegressorMixin, TransformerMixin, ClusterMixin)
+    kept = []
+    for name, cls in estimators:
+        documents = docstring_documents(cls.__doc__)
+        if len(documents) >= min_documents:
+            kept.append((name, cls.__module__.split(".")[1], cls, documents))
+    modules = sorted({module for _, module, _, _ in kept})
+    names = [name for name, _, _, _ in kept]
+    texts, coarse, fine, kinds = [], [], [], []
+    for index, (name, module, cls, documents) in enumerate(kept):
+        kind = [float(issubclass(cls, mixin)) for mixin in mixins]
+        for document in documents:
+            texts.append(mask_name(document, name))
+            coarse.append(modules.index(module))
+            fine.append(index)
+            kinds.append(kind)
+    return texts, torch.tensor(coarse), torch.tensor(fine), torch.tensor(kinds), modules, names
+
+
+def skdocs_split(split, multilabel):
+    """Real text that ships with scikit-learn: estimator docstrings split into documents (summary and
+    one per parameter), the estimator's own name masked. Levels: sub-module ("linear_model") ->
+    estimator class; or (multi-label) the estimator's types, documents without any type dropped.
+    Train/test: a fixed stratified 80/20 split over estimators, the same documents for both variants."""
+    texts, coarse, fine, kinds, modules, names = skdocs_corpus()
+    keep = split_indices(fine, split)
+    if multilabel:
+        keep = keep[kinds[keep].sum(1) > 0]
+        info = text_info("skdocs-multilabel", ["types"], [list(ESTIMATOR_TYPES)], multilabel=True)
+        targets = kinds[keep]
+    else:
+        info = text_info("skdocs", ["module", "estimator"], [modules, names])
+        targets = torch.stack([coarse, fine], dim=1)[keep]
+    return TextDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+
+
+# --------------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -293,6 +898,15 @@ LOADERS = {
     "cifar100": lambda root, split, download, seed, **_: cifar100_split(root, split, download),
     "hmnist": lambda root, split, download, seed, image_size=None, **_: HierarchicalMNIST(
         root, split, download, image_size=image_size or 192, seed=seed),
+    "modelnet40": lambda root, split, download, seed, groups=None, points=None, **_: modelnet40_split(
+        root, split, download, groups, points or 1024),
+    "shapes": lambda root, split, download, seed, size=None, points=None, **_: shapes_split(
+        split, size or (2000 if split == "train" else 800), points or 256),
+    "wos": lambda root, split, download, seed, **_: wos_split(root, split),
+    "20newsgroups": lambda root, split, download, seed, **_: newsgroups_split(root, split, download),
+    "rcv1": lambda root, split, download, seed, test_size=20_000, **_: rcv1_split(root, split, download, seed, test_size),
+    "skdocs": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=False),
+    "skdocs-multilabel": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=True),
 }
 DATASETS = tuple(LOADERS)
 
@@ -302,7 +916,10 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
     `fraction` keeps a class-stratified fraction of the training split, drawn from `seed` (the same
     subset for every method). Options: `size` (hdigits composites; 5000 train / 1000 test by default),
-    `image_size` (hmnist canvas, 192 as in the paper); options a dataset does not use are ignored.
+    `image_size` (hmnist canvas, 192 as in the paper), `size` and `points` (shapes: 2000 train / 800 test
+    clouds of 256 points), `points` and `groups` (modelnet40: 1024, MODELNET40_GROUPS), `test_size`
+    (rcv1: 20,000 of the 781,265 test documents; None keeps all); options a dataset does not use are
+    ignored.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -334,18 +951,17 @@ def stratified_indices(targets, fraction, seed):
 def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0):
     """One epoch of shuffled training batches (x, y) on `device`; every rank gets an equal shard.
 
+    `batch_size` is the global batch: each of the `world_size` ranks gets batch_size // world_size.
     Resident datasets are sliced in place (after `to_device`), lazily composed ones go through a
     DataLoader. Incomplete batches are dropped so that all ranks take the same number of steps.
     """
     order = torch.randperm(len(dataset), generator=generator)
-    per_rank = len(order) // world_size
-    batch_size = min(batch_size, per_rank)
-    steps = per_rank // batch_size
+    per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
     shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
-    if isinstance(dataset, ImageTensorDataset):
+    if isinstance(dataset, ResidentDataset):
         for step in range(steps):
-            index = shard[step * batch_size : (step + 1) * batch_size].to(dataset.images.device)
-            yield dataset.images[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
+            index = shard[step * batch_size : (step + 1) * batch_size].to(dataset.inputs.device)
+            yield dataset.inputs[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
     else:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=shard.tolist(), num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
@@ -353,15 +969,21 @@ def batches(dataset, batch_size, generator, device, rank=0, world_size=1, worker
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def rank_shape(num_samples, batch_size, world_size):
+    """(samples per rank, batch per rank, steps per epoch) for a global batch split over the ranks."""
+    per_rank = num_samples // world_size
+    rank_batch = max(1, min(batch_size // world_size, per_rank))
+    return per_rank, rank_batch, per_rank // rank_batch
+
+
 def steps_per_epoch(dataset, batch_size, world_size=1):
-    per_rank = len(dataset) // world_size
-    return per_rank // min(batch_size, per_rank)
+    return rank_shape(len(dataset), batch_size, world_size)[2]
 
 
 def to_device(dataset, device, max_bytes=8 << 30):
     """Keep a resident dataset on the training device when it fits, so batches never cross the bus."""
-    if isinstance(dataset, ImageTensorDataset) and dataset.images.numel() <= max_bytes:
-        return ImageTensorDataset(dataset.images.to(device), dataset.targets.to(device), dataset.info)
+    if isinstance(dataset, ResidentDataset) and dataset.inputs.nbytes <= max_bytes:
+        return type(dataset)(dataset.inputs.to(device), dataset.targets.to(device), dataset.info)
     return dataset
 
 
@@ -378,7 +1000,11 @@ def standardize(x, info):
 
 
 def normalize(x, info):
-    """The un-augmented network input of a uint8 batch [B, C, H, W]."""
+    """The un-augmented network input of a batch: standardised uint8 images [B, C, H, W], float points [B, P, 3]."""
+    if info.modality == "points":
+        return x.float()
+    if info.modality == "text":  # hashed uni- and bigram ids of word ids [B, T], or TF-IDF rows as they are
+        return x.float() if info.extra["input"] == "tfidf" else ngram_ids(x, info.extra["buckets"])
     return standardize(x.float() / 255.0, info)
 
 
@@ -449,8 +1075,34 @@ def colour_jitter(x, generator, strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_g
     return torch.where(to_gray, grayscale(x).expand_as(x), x)
 
 
+def augment_points(x, generator, keep=(0.5, 1.0), scale=(2 / 3, 3 / 2), shift=0.2, sigma=0.01, clip=0.02):
+    """One view of point clouds [B, P, 3] with per-cloud random parameters; the shape stays [B, P, 3].
+
+    - random subset: each cloud keeps a random fraction (drawn from `keep`) of its points, in random
+      order, and repeats them cyclically up to P (duplicates change nothing under PointNet's max-pool);
+    - anisotropic scale: every axis of every cloud multiplied by its own factor from `scale`;
+    - shift: every cloud moved by its own offset, each coordinate uniform in [-shift, shift];
+    - jitter: every point moved by Gaussian noise of std `sigma`, clipped to [-clip, clip].
+    """
+    n, p, device = x.shape[0], x.shape[1], x.device
+    order = torch.rand(n, p, generator=generator, device=device).argsort(dim=1)  # a random permutation per cloud
+    kept = (uniform(*keep, n, generator, device) * p).ceil().long().clamp(1, p)
+    index = order.gather(1, torch.arange(p, device=device)[None] % kept[:, None])
+    x = x.gather(1, index[:, :, None].expand(n, p, 3))
+    x = x * uniform(*scale, (n, 1, 3), generator, device) + uniform(-shift, shift, (n, 1, 3), generator, device)
+    noise = torch.randn(x.shape, generator=generator, device=device) * sigma
+    return x + noise.clamp(-clip, clip)
+
+
 def augment(x, info, generator):
-    """One augmented, normalised view of a uint8 batch [B, C, H, W]; every image draws its own parameters."""
+    """One augmented, normalised view of a batch (uint8 images [B, C, H, W] or points [B, P, 3]); every
+    sample draws its own parameters."""
+    if info.modality == "points":
+        return augment_points(x.float(), generator)
+    if info.modality == "text":  # token dropout + local shuffle, then n-grams (TF-IDF: entry dropout)
+        if info.extra["input"] == "tfidf":
+            return tfidf_view(x, generator)
+        return ngram_ids(text_view(x, generator), info.extra["buckets"])
     x = x.float() / 255.0
     if info.augment == "canvas":
         x = shift_and_scale(x, generator)

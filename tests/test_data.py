@@ -692,11 +692,12 @@ def test_batches_one_epoch(make):
 
 @pytest.mark.parametrize("make", [resident_ids, LazyIds], ids=["resident", "lazy"])
 def test_batches_shards_are_disjoint(make):
-    """With world_size=2 both ranks take the same number of equal batches from disjoint shards."""
+    """With world_size=2 the global batch of 8 is split 4 + 4: both ranks take the same number of
+    equal batches from disjoint shards."""
     dataset = make(50)
     shards = [epoch_ids(dataset, 8, seed=4, rank=rank, world_size=2) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == data.steps_per_epoch(dataset, 8, world_size=2) == 3
-    assert all(len(b) == 8 for shard in shards for b in shard)
+    assert len(shards[0]) == len(shards[1]) == data.steps_per_epoch(dataset, 8, world_size=2) == 6
+    assert all(len(b) == 4 for shard in shards for b in shard)
     ids = [set(i for b in shard for i in b) for shard in shards]
     assert len(ids[0]) == len(ids[1]) == 24
     assert not ids[0] & ids[1]

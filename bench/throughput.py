@@ -1,0 +1,138 @@
+"""Training-step throughput of every method, as ratios against SupCon measured in the same run (SPEC §7).
+
+One step = two augmented views of a batch (data.two_views, on the training device), the method's
+forward and loss (bf16 autocast on CUDA, the loss in fp32), backward and an SGD step: exactly what the
+training loop does. Methods are timed in interleaved rounds and the median round is reported, so that
+a slow moment of the machine does not land on one method only. Prints views/s, step time, the ratio
+to SupCon, peak memory per method (CUDA), achieved FLOP/s and MFU (CUDA; peak from --peak-tflops).
+
+    python bench/throughput.py --arch resnet18 --batch-size 1024           # on a GPU
+    python bench/throughput.py --arch cnn --batch-size 128 --dataset hdigits  # on a CPU
+"""
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+METHODS = {"supcon": [], "mlcl": [], "hmlc_gmm": [], "hmlc_gmm --mask none": ["--mask", "none"],
+           "hmlc_attention": []}
+
+
+def synthetic_cifar(size):
+    """Random uint8 images with CIFAR-100's shape and label structure, for machines without the dataset."""
+    generator = torch.Generator().manual_seed(0)
+    fine = torch.randint(0, 100, (size,), generator=generator)
+    coarse = torch.tensor(data.FINE_TO_COARSE)[fine]
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    info = data.DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, [[], []], channels=3,
+                            mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
+    return data.ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
+
+
+def make_step(module_name, extra, args, info, device):
+    module = importlib.import_module(module_name)
+    config = module.parse_args(["--dataset", "hdigits", "--arch", args.arch, "--batch-size", str(args.batch_size), *extra])
+    model = module.build_model(config, info).to(device)
+    if info.modality == "image":
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step(x, y):
+        views = data.two_views(x, info, generator)
+        with autocast:
+            loss = module.method_loss(step_model, views, y, config, info)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def timed(step, x, y, steps, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--dataset", default="cifar100", help="cifar100 (synthetic if the files are missing) or hdigits")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    try:
+        dataset = data.load(args.dataset, args.data_dir, "train")
+    except FileNotFoundError:
+        dataset = synthetic_cifar(args.batch_size)
+    info = dataset.info
+    x = dataset.images[: args.batch_size].to(device)
+    y = dataset.targets[: args.batch_size].to(device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"machine: {machine}; torch {torch.__version__}; {args.arch}, batch {args.batch_size} x 2 views, "
+          f"{info.name}{' (synthetic)' if len(dataset) == args.batch_size else ''}, compile={args.compile}")
+
+    steps = {}
+    for name, extra in METHODS.items():
+        steps[name] = make_step(name.split()[0], extra, args, info, device)
+        steps[name](x, y)  # warm-up (and compilation)
+    flops = {}
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step(x, y)
+        flops[name] = counter.get_total_flops()
+    memory = {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            step(x, y)
+            memory[name] = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
+        else:
+            memory[name] = "n/a"
+
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(timed(step, x, y, args.steps, device))
+    base = statistics.median(times["supcon"])
+    print(f"{'method':<22}{'views/s':>10}{'step ms':>10}{'vs supcon':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    for name in steps:
+        seconds = statistics.median(times[name])
+        achieved = flops[name] / seconds / 1e12
+        mfu = f"{achieved / args.peak_tflops:.1%}" if device.type == "cuda" else "n/a"
+        print(f"{name:<22}{2 * args.batch_size / seconds:>10.0f}{seconds * 1e3:>10.1f}{seconds / base:>10.2f}x"
+              f"{achieved:>10.3f}{mfu:>8}{memory[name]:>10}")
+
+    augment = torch.Generator(device).manual_seed(1)
+    augmentation = timed(lambda a, b: data.two_views(a, info, augment), x, y, args.steps, device)
+    print(f"augmentation alone (two views, per-sample parameters): {2 * args.batch_size / augmentation:.0f} views/s")
+
+
+if __name__ == "__main__":
+    main()
