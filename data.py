@@ -665,15 +665,20 @@ def text_info(name, level_names, label_names, multilabel=False, **extra):
 def split_indices(keys, split, test_fraction=0.2, seed=0):
     """Indices of a fixed class-stratified train/test split: round(test_fraction * n) of each class's n
     members go to test. The seed is fixed (not the run's), so every method sees the same split."""
-    generator = torch.Generator().manual_seed(seed)
-    keys = torch.as_tensor(keys)
     chosen = []
-    for key in keys.unique():
-        members = (keys == key).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
+    for members in shuffled_classes(keys, seed):
         cut = round(test_fraction * len(members))
         chosen.append(members[:cut] if split == "test" else members[cut:])
     return torch.cat(chosen).sort().values
+
+
+def shuffled_classes(keys, seed):
+    """Each class's sample indices (classes in sorted order), shuffled by one generator seeded with `seed`."""
+    keys = torch.as_tensor(keys)
+    generator = torch.Generator().manual_seed(seed)
+    for key in keys.unique():
+        members = (keys == key).nonzero().flatten()
+        yield members[torch.randperm(len(members), generator=generator)]
 
 
 def read_lines(path):
@@ -939,12 +944,7 @@ def stratified_indices(targets, fraction, seed):
         keys = (targets > 0.5).long() @ (2 ** torch.arange(targets.shape[1]))
     else:
         keys = targets[:, -1]
-    generator = torch.Generator().manual_seed(seed)
-    kept = []
-    for key in keys.unique():
-        members = (keys == key).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        kept.append(members[: max(1, round(fraction * len(members)))])
+    kept = [members[: max(1, round(fraction * len(members)))] for members in shuffled_classes(keys, seed)]
     return torch.cat(kept).sort().values
 
 
