@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 
@@ -1116,3 +1118,51 @@ def augment(x, info, generator):
 def two_views(x, info, generator):
     """Two independently augmented views of a batch, stacked view-major: [2, B, C, H, W]."""
     return torch.stack([augment(x, info, generator), augment(x, info, generator)])
+
+
+def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0):
+    """One epoch of (views [2, B, ...], targets) on `device`.
+
+    aug "gpu": batches sliced from the (resident) dataset, both views made on the training device by
+    `two_views` with per-sample parameters drawn from `augment`. aug "torchvision": the reference pipeline,
+    PIL transforms one image at a time in `workers` DataLoader processes (images only; compare speeds).
+    """
+    if aug == "gpu":
+        for x, y in batches(dataset, batch_size, order, device, rank, world_size, workers):
+            yield two_views(x, info, augment), y
+    elif aug == "torchvision":
+        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers):
+            yield views.transpose(0, 1), y
+    else:
+        raise ValueError(f"aug must be 'gpu' or 'torchvision', got {aug!r}")
+
+
+def reference_transform(info, size):
+    """SupCon's torchvision pipeline for one PIL image, the per-image counterpart of `augment`."""
+    if info.augment == "canvas":
+        steps = [transforms.RandomAffine(degrees=0, translate=(2 / size, 2 / size), scale=(0.9, 1.1),
+                                         interpolation=transforms.InterpolationMode.BILINEAR)]
+    else:
+        steps = [transforms.RandomResizedCrop(size, scale=(0.2, 1.0)), transforms.RandomHorizontalFlip()]
+        if info.channels == 3:
+            steps += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                      transforms.RandomGrayscale(p=0.2)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+
+
+class ReferenceViews(Dataset):
+    """(two views [2, C, H, W], target) per image of a uint8 image dataset, through `reference_transform`."""
+
+    def __init__(self, dataset, info):
+        if info.modality != "image":
+            raise ValueError(f"the torchvision pipeline is for images; {info.name} holds {info.modality}")
+        self.dataset = dataset
+        self.transform = reference_transform(info, dataset[0][0].shape[-1])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        image = to_pil_image(image)
+        return torch.stack([self.transform(image), self.transform(image)]), target

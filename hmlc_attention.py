@@ -336,7 +336,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
     p.add_argument("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for lazily composed datasets")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (lazily composed data, --aug torchvision)")
+    p.add_argument("--aug", choices=("gpu", "torchvision"), default="gpu",
+                   help="gpu: both views made batched on the training device; torchvision: the reference pipeline, "
+                        "PIL transforms per image in DataLoader workers (images only, for speed comparisons)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
@@ -426,7 +429,9 @@ def train(args):
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size)
     train_set = data.load(args.dataset, args.data_dir, "train", **options)
     info = train_set.info
-    resident = data.to_device(train_set, device)
+    if args.aug == "torchvision" and info.modality != "image":
+        raise SystemExit(f"--aug torchvision is the reference image pipeline; {args.dataset} holds {info.modality}")
+    resident = data.to_device(train_set, device) if args.aug == "gpu" else train_set
 
     model = build_model(args, info).to(device)
     if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
@@ -475,8 +480,9 @@ def train(args):
             order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
             augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
             losses, started = [], time.perf_counter()
-            for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size, args.workers)):
-                views = data.two_views(x, info, augment)
+            epoch_views = data.training_views(resident, info, args.aug, args.batch_size, order, augment, device,
+                                              rank, world_size, args.workers)
+            for step, (views, y) in enumerate(epoch_views):
                 with autocast:
                     try:
                         loss = method_loss(step_model, views, y, args, info)

@@ -5,6 +5,8 @@ forward and loss (bf16 autocast on CUDA, the loss in fp32), backward and an SGD 
 training loop does. Methods are timed in interleaved rounds and the median round is reported, so that
 a slow moment of the machine does not land on one method only. Prints views/s, step time, the ratio
 to SupCon, peak memory per method (CUDA), achieved FLOP/s and MFU (CUDA; peak from --peak-tflops).
+Then the whole input pipeline feeding SupCon: `--aug gpu` (resident data, batched augmentation on the
+device) against `--aug torchvision` (the reference: PIL transforms in DataLoader workers), same run.
 
     python bench/throughput.py --arch resnet18 --batch-size 1024           # on a GPU
     python bench/throughput.py --arch cnn --batch-size 128 --dataset hdigits  # on a CPU
@@ -48,10 +50,8 @@ def make_step(module_name, extra, args, info, device):
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    generator = torch.Generator(device).manual_seed(0)
 
-    def step(x, y):
-        views = data.two_views(x, info, generator)
+    def step(views, y):
         with autocast:
             loss = module.method_loss(step_model, views, y, config, info)
         optimizer.zero_grad(set_to_none=True)
@@ -73,6 +73,25 @@ def timed(step, x, y, steps, device):
     return (time.perf_counter() - start) / steps
 
 
+def pipeline_seconds_per_step(step, dataset, aug, args, device):
+    """Seconds per training step fed by a pipeline (`data.training_views`), data loading included; the
+    first batch (DataLoader worker start-up) is left out of the clock."""
+    epoch = data.training_views(dataset, dataset.info, aug, args.batch_size, torch.Generator().manual_seed(0),
+                                torch.Generator(device).manual_seed(0), device, workers=args.workers)
+    step(*next(epoch))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, steps = time.perf_counter(), 0
+    for views, y in epoch:
+        step(views, y)
+        steps += 1
+        if steps == args.pipeline_steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet18")
@@ -82,25 +101,30 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="DataLoader workers of the reference")
+    p.add_argument("--pipeline-steps", type=int, default=10, help="timed steps of each data pipeline")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
+    synthetic = False
     try:
         dataset = data.load(args.dataset, args.data_dir, "train")
     except FileNotFoundError:
-        dataset = synthetic_cifar(args.batch_size)
+        synthetic, dataset = True, synthetic_cifar(args.batch_size * (args.pipeline_steps + 1))
     info = dataset.info
     x = dataset.images[: args.batch_size].to(device)
     y = dataset.targets[: args.batch_size].to(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"machine: {machine}; torch {torch.__version__}; {args.arch}, batch {args.batch_size} x 2 views, "
-          f"{info.name}{' (synthetic)' if len(dataset) == args.batch_size else ''}, compile={args.compile}")
+          f"{info.name}{' (synthetic)' if synthetic else ''}, compile={args.compile}")
 
+    augment = torch.Generator(device).manual_seed(0)
     steps = {}
     for name, extra in METHODS.items():
-        steps[name] = make_step(name.split()[0], extra, args, info, device)
+        method_step = make_step(name.split()[0], extra, args, info, device)
+        steps[name] = lambda x, y, method_step=method_step: method_step(data.two_views(x, info, augment), y)
         steps[name](x, y)  # warm-up (and compilation)
     flops = {}
     for name, step in steps.items():
@@ -129,9 +153,18 @@ def main():
         print(f"{name:<22}{2 * args.batch_size / seconds:>10.0f}{seconds * 1e3:>10.1f}{seconds / base:>10.2f}x"
               f"{achieved:>10.3f}{mfu:>8}{memory[name]:>10}")
 
-    augment = torch.Generator(device).manual_seed(1)
     augmentation = timed(lambda a, b: data.two_views(a, info, augment), x, y, args.steps, device)
     print(f"augmentation alone (two views, per-sample parameters): {2 * args.batch_size / augmentation:.0f} views/s")
+
+    # The whole input pipeline: batches sliced from the resident dataset and augmented on the device,
+    # against the reference's PIL transforms in DataLoader workers, both feeding the same SupCon step.
+    supcon_step = make_step("supcon", [], args, info, device)
+    resident = data.to_device(dataset, device)
+    ours = pipeline_seconds_per_step(supcon_step, resident, "gpu", args, device)
+    reference = pipeline_seconds_per_step(supcon_step, dataset, "torchvision", args, device)
+    print(f"SupCon training, data loading included: --aug gpu {2 * args.batch_size / ours:.0f} views/s, "
+          f"--aug torchvision ({args.workers} workers) {2 * args.batch_size / reference:.0f} views/s "
+          f"-> {reference / ours:.2f}x the reference's speed")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,17 @@ def test_resume_reproduces_uninterrupted_training(tmp_path, monkeypatch):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_reference_pipeline_trains(tmp_path):
+    """--aug torchvision (PIL transforms in a DataLoader worker) runs the same loop and writes a checkpoint;
+    non-image data is refused with a message."""
+    out = tmp_path / "reference"
+    supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--aug", "torchvision", "--workers", "1", "--out", str(out)]))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["config"]["aug"] == "torchvision"
+    with pytest.raises(SystemExit, match="reference image pipeline; shapes holds points"):
+        supcon.train(supcon.parse_args([*TINY, "--dataset", "shapes", "--aug", "torchvision", "--out", str(tmp_path / "p")]))
+
+
 def test_bad_checkpoints_are_refused_and_kept(tmp_path):
     """A corrupt or mismatched checkpoint stops the run with a clear message and is not overwritten."""
     corrupt = tmp_path / "corrupt.pt"
