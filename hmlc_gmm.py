@@ -266,23 +266,23 @@ def gmm_masks(embeddings, levels, iters=10):
     spaced_start = low + (high - low) * (steps + 0.5) / levels
     x = x.repeat(2, 1)  # rows [0, N) start at the quantiles, rows [N, 2N) evenly spaced
     start = torch.cat([quantile_start, spaced_start])
+    # Tensors are [2N, L, D], entries innermost: a components-last layout runs 3x slower on a CPU, and
+    # there .min(1).indices is 10x faster than .argmin(1) over the short components axis.
     # Like scikit-learn, the first M step uses hard responsibilities (nearest starting mean).
-    resp = F.one_hot((x[:, :, None] - start[:, None, :]).abs().argmin(2), levels).to(x.dtype)  # [2N, D, L]
+    nearest = (x[:, None, :] - start[:, :, None]).abs().min(1).indices  # [2N, D]
+    resp = (nearest[:, None, :] == steps.long()[None, :, None]).to(x.dtype)  # [2N, L, D]
     floor = 1e-3 * x.var(dim=1, keepdim=True) + 1e-6  # keeps variances positive, also for constant rows
-
-    def log_joint():  # log pi_k + log N(x_d | mu_k, var_k): [2N, D, L]
-        return log_weights[:, None, :] - 0.5 * ((x[:, :, None] - means[:, None, :]) ** 2 / variances[:, None, :]
-                                                + torch.log(2 * math.pi * variances[:, None, :]))
-
     for _ in range(iters):
-        mass = resp.sum(1) + 1e-10  # M step: [2N, L]
-        means = (resp * x[:, :, None]).sum(1) / mass
-        variances = (resp * (x[:, :, None] - means[:, None, :]) ** 2).sum(1) / mass + floor
-        log_weights = torch.log(mass / dim)
-        joint = log_joint()  # E step
-        resp = (joint - torch.logsumexp(joint, dim=2, keepdim=True)).exp()
-    better = (torch.logsumexp(joint, dim=2).sum(1).view(2, n).argmax(0) * n) + torch.arange(n, device=x.device)
-    component = joint[better].argmax(2)  # [N, D]
+        mass = resp.sum(2) + 1e-10  # M step: [2N, L]
+        means = (resp * x[:, None, :]).sum(2) / mass
+        squared_deviation = (x[:, None, :] - means[:, :, None]) ** 2
+        variances = (resp * squared_deviation).sum(2) / mass + floor
+        # E step: log pi_k + log N(x_d | mu_k, var_k), then responsibilities over the components
+        joint = (torch.log(mass / dim) - 0.5 * torch.log(2 * math.pi * variances))[:, :, None] \
+            - 0.5 * squared_deviation / variances[:, :, None]
+        resp = torch.softmax(joint, dim=1)
+    better = (torch.logsumexp(joint, dim=1).sum(1).view(2, n).argmax(0) * n) + torch.arange(n, device=x.device)
+    component = joint[better].max(1).indices  # [N, D]
     rank_of_component = means[better].argsort(dim=1, descending=True).argsort(dim=1)  # 0 = largest mean
     level_of_entry = rank_of_component.gather(1, component)  # [N, D]
     masks = (level_of_entry[None] == steps.long()[:, None, None]).to(embeddings.dtype)
