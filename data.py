@@ -942,8 +942,8 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
 def stratified_indices(targets, fraction, seed):
     """Indices of a class-stratified `fraction` of the samples (finest level; multi-hot sets as classes)."""
-    if targets.dtype.is_floating_point:
-        keys = (targets > 0.5).long() @ (2 ** torch.arange(targets.shape[1]))
+    if targets.dtype.is_floating_point:  # label sets numbered in the order of sum_k 2^k over their labels
+        keys = torch.unique((targets > 0.5).flip(1).long(), dim=0, return_inverse=True)[1]
     else:
         keys = targets[:, -1]
     kept = [members[: max(1, round(fraction * len(members)))] for members in shuffled_classes(keys, seed)]

@@ -531,6 +531,15 @@ def test_fraction_multilabel_keeps_every_label_set():
         assert abs(part_counts[key] - round(0.5 * n)) <= 1
 
 
+
+def test_fraction_strata_beyond_64_labels():
+    """Label sets that differ only in label 70 (past what a 64-bit key can hold) are separate strata."""
+    targets = torch.zeros(40, 100)
+    targets[:, 0] = 1
+    targets[:10, 70] = 1  # 10 samples hold {0, 70}, 30 hold {0}
+    kept = data.stratified_indices(targets, 0.5, seed=0)
+    assert int((kept < 10).sum()) == 5 and int((kept >= 10).sum()) == 15
+
 # --------------------------------------------------------------------------------------------------
 # Batched augmentation with per-sample parameters
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,6 +103,18 @@ def test_reference_pipeline_trains(tmp_path):
     assert state["epoch"] == 1 and state["config"]["aug"] == "torchvision"
     with pytest.raises(SystemExit, match="reference image pipeline; shapes holds points"):
         supcon.train(supcon.parse_args([*TINY, "--dataset", "shapes", "--aug", "torchvision", "--out", str(tmp_path / "p")]))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """--compile (inductor) changes the speed, not the math: one epoch gives the eager run's loss."""
+    losses = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(out), *flags]))
+        losses.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
 
 
 def test_bad_checkpoints_are_refused_and_kept(tmp_path):
