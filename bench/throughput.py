@@ -5,8 +5,9 @@ forward and loss (bf16 autocast on CUDA, the loss in fp32), backward and an SGD 
 training loop does. Methods are timed in interleaved rounds and the median round is reported, so that
 a slow moment of the machine does not land on one method only. Prints views/s, step time, the ratio
 to SupCon, peak memory per method (CUDA), achieved FLOP/s and MFU (CUDA; peak from --peak-tflops).
-Then the whole input pipeline feeding SupCon: `--aug gpu` (resident data, batched augmentation on the
-device) against `--aug torchvision` (the reference: PIL transforms in DataLoader workers), same run.
+Then SupCon training with its input pipeline: ours (`--aug gpu`: resident data, batched augmentation
+on the device, bf16 on CUDA) against the reference (`--aug torchvision`: PIL transforms in DataLoader
+workers, fp32), in the same run.
 
     python bench/throughput.py --arch resnet18 --batch-size 1024           # on a GPU
     python bench/throughput.py --arch cnn --batch-size 128 --dataset hdigits  # on a CPU
@@ -41,7 +42,7 @@ def synthetic_cifar(size):
     return data.ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
 
 
-def make_step(module_name, extra, args, info, device):
+def make_step(module_name, extra, args, info, device, bf16=True):
     module = importlib.import_module(module_name)
     config = module.parse_args(["--dataset", "hdigits", "--arch", args.arch, "--batch-size", str(args.batch_size), *extra])
     model = module.build_model(config, info).to(device)
@@ -49,7 +50,7 @@ def make_step(module_name, extra, args, info, device):
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
     def step(views, y):
         with autocast:
@@ -156,14 +157,14 @@ def main():
     augmentation = timed(lambda a, b: data.two_views(a, info, augment), x, y, args.steps, device)
     print(f"augmentation alone (two views, per-sample parameters): {2 * args.batch_size / augmentation:.0f} views/s")
 
-    # The whole input pipeline: batches sliced from the resident dataset and augmented on the device,
-    # against the reference's PIL transforms in DataLoader workers, both feeding the same SupCon step.
-    supcon_step = make_step("supcon", [], args, info, device)
+    # The whole input pipeline: ours (batches sliced from the resident dataset, augmented on the device,
+    # bf16 on CUDA) against the reference's (PIL transforms in DataLoader workers, fp32 steps).
     resident = data.to_device(dataset, device)
-    ours = pipeline_seconds_per_step(supcon_step, resident, "gpu", args, device)
-    reference = pipeline_seconds_per_step(supcon_step, dataset, "torchvision", args, device)
-    print(f"SupCon training, data loading included: --aug gpu {2 * args.batch_size / ours:.0f} views/s, "
-          f"--aug torchvision ({args.workers} workers) {2 * args.batch_size / reference:.0f} views/s "
+    ours = pipeline_seconds_per_step(make_step("supcon", [], args, info, device), resident, "gpu", args, device)
+    reference = pipeline_seconds_per_step(make_step("supcon", [], args, info, device, bf16=False), dataset,
+                                          "torchvision", args, device)
+    print(f"SupCon training, data loading included: ours {2 * args.batch_size / ours:.0f} views/s, reference "
+          f"(PIL in {args.workers} workers, fp32) {2 * args.batch_size / reference:.0f} views/s "
           f"-> {reference / ours:.2f}x the reference's speed")
 
 
