@@ -203,11 +203,52 @@ def test_two_process_gather_matches_single_process():
         assert torch.allclose(grad / 2, reference.grad[rank * 4 : (rank + 1) * 4], rtol=1e-10, atol=1e-14)
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    """`torchrun --nproc_per_node=2 supcon.py` trains with gloo on CPU and writes one run folder."""
+METHOD_FILES = ["supcon", "mlcl", "hmlc_gmm", "hmlc_attention"]
+
+
+def method_loss_worker(rank, world_size, port, name, views, targets, results):
+    """One rank's method_loss on its half of the batch, with the weights every rank shares."""
+    import importlib
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    module = importlib.import_module(name)
+    args = module.parse_args(["--dataset", "hdigits"])
+    torch.manual_seed(0)
+    info = data.load("hdigits", split="test", size=8).info
+    model = module.build_model(args, info).eval()
+    local = views.shape[1] // world_size
+    part = slice(rank * local, (rank + 1) * local)
+    results[rank] = module.method_loss(model, views[:, part], targets[part], args, info).detach()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_every_method_contrasts_the_global_batch(name):
+    """Under gloo with 2 ranks each holding half the batch, every method's loss equals the single-process
+    loss on the whole batch: features and labels are gathered before the loss (BatchNorm in eval mode,
+    so that per-rank batch statistics do not differ)."""
+    import importlib
+
+    module = importlib.import_module(name)
+    dataset = data.load("hdigits", split="test", size=16)
+    views = data.two_views(dataset.images, dataset.info, torch.Generator().manual_seed(0))
+    args = module.parse_args(["--dataset", "hdigits"])
+    torch.manual_seed(0)
+    model = module.build_model(args, dataset.info).eval()
+    expected = module.method_loss(model, views, dataset.targets, args, dataset.info).detach()
+
+    results = mp.Manager().dict()
+    mp.spawn(method_loss_worker, args=(2, free_port(), name, views, dataset.targets, results), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.allclose(results[rank], expected, rtol=1e-5), (rank, results[rank], expected)
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_torchrun_two_processes_on_cpu(name, tmp_path):
+    """`torchrun --nproc_per_node=2 <method>.py` trains with gloo on CPU and writes one run folder."""
     out = tmp_path / "ddp"
     run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-               "supcon.py", *TINY, "--epochs", "1", "--out", str(out))
+               f"{name}.py", *TINY, "--epochs", "1", "--out", str(out))
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 1 and state["method"] == "supcon"
+    assert state["epoch"] == 1 and state["method_file"] == f"{name}.py"
     assert not any(key.startswith("module.") for key in state["model"])
