@@ -426,6 +426,24 @@ def test_point_augmentation_per_sample_parameters(shapes_small):
     assert (scale[:, 0] - scale[:, 1]).abs().mean() > 0.1  # ... and across axes (anisotropic)
 
 
+@pytest.mark.parametrize("augment", ["points", "points-isotropic"])
+def test_point_views_rescale_axes_only_where_allowed(augment, shapes_small):
+    """ModelNet-style views ("points") stretch each axis on its own; the shapes views ("points-isotropic")
+    keep every cloud's proportions, which tell a sphere from an ellipsoid and a cube from a box."""
+    assert shapes_small["train"].info.augment == "points-isotropic"
+    info = data.DatasetInfo(**{**shapes_small["train"].info.__dict__, "augment": augment})
+    cloud = shapes_small["train"].points[2]
+    views = data.augment(cloud.expand(32, -1, -1).contiguous(), info, torch.Generator().manual_seed(5))
+    # Each view's extent along x, y and z relative to the cloud's: equal on all three axes (up to the
+    # point subset and the jitter) unless the axes were scaled apart.
+    extent = (views.max(1).values - views.min(1).values) / (cloud.max(0).values - cloud.min(0).values)
+    spread = extent.max(1).values / extent.min(1).values
+    if augment == "points":
+        assert (spread > 1.2).float().mean() > 0.5
+    else:
+        assert (spread < 1.1).all(), spread
+
+
 def test_point_augmentation_random_subset(shapes_small):
     """Each cloud keeps its own random fraction (0.5..1) of its points, repeated up to the fixed size."""
     cloud = shapes_small["train"].points[1]
