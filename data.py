@@ -965,8 +965,9 @@ def batches(dataset, batch_size, generator, device, rank=0, world_size=1, worker
     per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
     shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
     if isinstance(dataset, ResidentDataset):
+        shard = shard.to(dataset.inputs.device)  # one transfer per epoch; batches are sliced on the device
         for step in range(steps):
-            index = shard[step * batch_size : (step + 1) * batch_size].to(dataset.inputs.device)
+            index = shard[step * batch_size : (step + 1) * batch_size]
             yield dataset.inputs[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
     else:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=shard.tolist(), num_workers=workers,
