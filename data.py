@@ -8,7 +8,10 @@ FloatTensor [K].
     views = data.two_views(x, ds.info, generator)        # [2, B, C, H, W], per-sample random parameters
 
 Image datasets are held as uint8 tensors ("resident": the training loop moves them to the GPU once and
-slices batches there); `hmnist` composes its images lazily and goes through a DataLoader. Point clouds
+slices batches there); `hmnist` composes its images lazily, and `to_device` composes them all once, in
+batches, when they fit (otherwise they go through a DataLoader). `training_views` yields an epoch of
+augmented views: batched on the device (`--aug gpu`) or through the reference PIL pipeline in DataLoader
+workers (`--aug torchvision`). Point clouds
 (`modelnet40`, `shapes`) are resident float32 tensors [N, P, 3], unit-sphere normalised. Text
 (`wos`, `20newsgroups`, `skdocs`, `skdocs-multilabel`) is resident as hashed word ids [N, 256]
 (LongTensor, 0 = padding; see TEXT_LENGTH); `rcv1` keeps its TF-IDF matrix sparse and densifies batches.
@@ -297,15 +300,18 @@ class HierarchicalMNIST(Dataset):
         return IndexedSubset(self, indices)
 
     def __getitem__(self, index):
+        return self.compose(torch.tensor([index]))[0], self.targets[index]
+
+    def compose(self, indices):
+        """The composites of items `indices` [n] as uint8 images [n, 1, S, S], in one batched pass."""
         centre = self.image_size - 2 * self.ring
-        big = F.pad(self.digits[index].float()[None, None], (2, 2, 2, 2))
-        big = F.interpolate(big, size=(centre, centre), mode="bilinear", align_corners=False)[0, 0]
+        big = F.pad(self.digits[indices].float()[:, None], (2, 2, 2, 2))
+        big = F.interpolate(big, size=(centre, centre), mode="bilinear", align_corners=False)[:, 0]
         big = F.pad(big, (self.ring,) * 4)
-        small = self.digits[self.small_index[index]].float()[None, None]
-        small = F.interpolate(small, size=(self.ring, self.ring), mode="bilinear", align_corners=False)[0]
-        corner = self.corners[self.corner_index[index]][None]
-        canvas = compose_digits(big[None], small, corner)[0]
-        return canvas.clamp(0, 255).round().to(torch.uint8), self.targets[index]
+        small = self.digits[self.small_index[indices]].float()[:, None]
+        small = F.interpolate(small, size=(self.ring, self.ring), mode="bilinear", align_corners=False)[:, 0]
+        canvas = compose_digits(big, small, self.corners[self.corner_index[indices]])
+        return canvas.clamp(0, 255).round().to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -988,9 +994,17 @@ def steps_per_epoch(dataset, batch_size, world_size=1):
 
 
 def to_device(dataset, device, max_bytes=8 << 30):
-    """Keep a resident dataset on the training device when it fits, so batches never cross the bus."""
+    """Keep the training data on the training device when it fits, so batches never cross the bus and no
+    DataLoader sits in the hot path. Lazily composed hmnist (or a subset of it) is composed once, in
+    batches, into a resident image tensor; data that does not fit is returned as it is."""
     if isinstance(dataset, ResidentDataset) and dataset.inputs.nbytes <= max_bytes:
         return type(dataset)(dataset.inputs.to(device), dataset.targets.to(device), dataset.info)
+    composer, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, IndexedSubset) else (dataset, None)
+    if isinstance(composer, HierarchicalMNIST):
+        indices = torch.arange(len(composer)) if indices is None else indices
+        if len(indices) * composer.image_size ** 2 <= max_bytes:
+            images = torch.cat([composer.compose(chunk).to(device) for chunk in indices.split(4096)])
+            return ImageTensorDataset(images, dataset.targets.to(device), dataset.info)
     return dataset
 
 

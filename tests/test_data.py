@@ -289,6 +289,22 @@ def test_hmnist_fraction_subset(mnist_root):
         assert abs(int((part.targets[:, 1] == fine).sum()) - max(1, round(0.5 * n))) <= 1
 
 
+def test_hmnist_is_composed_once_onto_the_device(mnist_root):
+    """to_device turns hmnist (and a fraction of it) into a resident image tensor holding exactly the lazily
+    composed items, so training slices batches in place; data larger than max_bytes stays lazy."""
+    root, arrays = mnist_root
+    full = data.load("hmnist", str(root), "train", image_size=48, seed=1)
+    resident = data.to_device(full, torch.device("cpu"))
+    assert isinstance(resident, data.ImageTensorDataset) and resident.images.shape == (40, 1, 48, 48)
+    hmnist_checks(resident, *arrays["train"])
+    assert torch.equal(resident.images, torch.stack([full[i][0] for i in range(len(full))]))
+    part = data.load("hmnist", str(root), "train", image_size=48, fraction=0.5, seed=1)
+    resident_part = data.to_device(part, torch.device("cpu"))
+    assert torch.equal(resident_part.images, resident.images[part.indices])
+    assert torch.equal(resident_part.targets, part.targets) and resident_part.info == part.info
+    assert data.to_device(full, torch.device("cpu"), max_bytes=48 * 48 * 39) is full
+
+
 def test_hmnist_missing_files(tmp_path):
     """No MNIST files and no download: FileNotFoundError naming the path and --download."""
     with pytest.raises(FileNotFoundError) as error:
