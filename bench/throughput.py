@@ -42,15 +42,17 @@ def synthetic_cifar(size):
     return data.ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
 
 
-def make_step(module_name, extra, args, info, device, bf16=True):
+def make_step(module_name, extra, args, info, device, reference=False):
+    """One training step on given views. reference=True is the reference pipeline's step: fp32, NCHW
+    tensors, never compiled."""
     module = importlib.import_module(module_name)
     config = module.parse_args(["--dataset", "hdigits", "--arch", args.arch, "--batch-size", str(args.batch_size), *extra])
     model = module.build_model(config, info).to(device)
-    if info.modality == "image":
+    if info.modality == "image" and not reference:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if args.compile and not reference else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not reference and device.type == "cuda")
 
     def step(views, y):
         with autocast:
@@ -158,10 +160,10 @@ def main():
     print(f"augmentation alone (two views, per-sample parameters): {2 * args.batch_size / augmentation:.0f} views/s")
 
     # The whole input pipeline: ours (batches sliced from the resident dataset, augmented on the device,
-    # bf16 on CUDA) against the reference's (PIL transforms in DataLoader workers, fp32 steps).
+    # bf16 and channels_last on CUDA) against the reference's (PIL transforms in DataLoader workers, fp32).
     resident = data.to_device(dataset, device)
     ours = pipeline_seconds_per_step(make_step("supcon", [], args, info, device), resident, "gpu", args, device)
-    reference = pipeline_seconds_per_step(make_step("supcon", [], args, info, device, bf16=False), dataset,
+    reference = pipeline_seconds_per_step(make_step("supcon", [], args, info, device, reference=True), dataset,
                                           "torchvision", args, device)
     print(f"SupCon training, data loading included: ours {2 * args.batch_size / ours:.0f} views/s, reference "
           f"(PIL in {args.workers} workers, fp32) {2 * args.batch_size / reference:.0f} views/s "
