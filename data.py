@@ -1003,7 +1003,8 @@ def to_device(dataset, device, max_bytes=8 << 30):
     if isinstance(composer, HierarchicalMNIST):
         indices = torch.arange(len(composer)) if indices is None else indices
         if len(indices) * composer.image_size ** 2 <= max_bytes:
-            images = torch.cat([composer.compose(chunk).to(device) for chunk in indices.split(4096)])
+            chunks = tqdm(indices.split(4096), desc=f"composing {len(indices)} {composer.info.name} images", leave=False)
+            images = torch.cat([composer.compose(chunk).to(device) for chunk in chunks])
             return ImageTensorDataset(images, dataset.targets.to(device), dataset.info)
     return dataset
 
