@@ -15,9 +15,9 @@ import torch
 
 import data
 import linear_eval
+from conftest import METHOD_FILES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD_FILES = ("supcon", "mlcl", "hmlc_gmm", "hmlc_attention")
 
 # --------------------------------------------------------------------------------------------------
 # ModelNet40 fixtures in the real formats

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import data
 import supcon
+from conftest import METHOD_FILES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--fraction", "0.05", "--batch-size", "64", "--no-eval", "--device", "cpu"]
@@ -201,9 +202,6 @@ def test_two_process_gather_matches_single_process():
         loss, grad = results[rank]
         assert torch.allclose(loss, expected.detach(), rtol=1e-12)
         assert torch.allclose(grad / 2, reference.grad[rank * 4 : (rank + 1) * 4], rtol=1e-10, atol=1e-14)
-
-
-METHOD_FILES = ["supcon", "mlcl", "hmlc_gmm", "hmlc_attention"]
 
 
 def method_loss_worker(rank, world_size, port, name, views, targets, results):
