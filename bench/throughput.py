@@ -124,10 +124,10 @@ def main():
           f"{info.name}{' (synthetic)' if synthetic else ''}, compile={args.compile}")
 
     augment = torch.Generator(device).manual_seed(0)
-    steps = {}
+    view_steps, steps = {}, {}  # each method's step on given views, and the same from a batch of images
     for name, extra in METHODS.items():
-        method_step = make_step(name.split()[0], extra, args, info, device)
-        steps[name] = lambda x, y, method_step=method_step: method_step(data.two_views(x, info, augment), y)
+        view_steps[name] = make_step(name.split()[0], extra, args, info, device)
+        steps[name] = lambda x, y, view_step=view_steps[name]: view_step(data.two_views(x, info, augment), y)
         steps[name](x, y)  # warm-up (and compilation)
     flops = {}
     for name, step in steps.items():
@@ -162,7 +162,7 @@ def main():
     # The whole input pipeline: ours (batches sliced from the resident dataset, augmented on the device,
     # bf16 and channels_last on CUDA) against the reference's (PIL transforms in DataLoader workers, fp32).
     resident = data.to_device(dataset, device)
-    ours = pipeline_seconds_per_step(make_step("supcon", [], args, info, device), resident, "gpu", args, device)
+    ours = pipeline_seconds_per_step(view_steps["supcon"], resident, "gpu", args, device)
     reference = pipeline_seconds_per_step(make_step("supcon", [], args, info, device, reference=True), dataset,
                                           "torchvision", args, device)
     print(f"SupCon training, data loading included: ours {2 * args.batch_size / ours:.0f} views/s, reference "

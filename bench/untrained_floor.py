@@ -11,7 +11,6 @@ seed, same data loading before it), and probed with the same fast protocol as ev
 import argparse
 import importlib
 import os
-import statistics
 import sys
 
 import torch
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import linear_eval  # noqa: E402
+from compare import mean_std  # noqa: E402  (bench/compare.py, beside this file)
 
 
 def main():
@@ -42,8 +42,8 @@ def main():
         for level, result in results["levels"].items():
             scores.setdefault(level, []).append(result["linear_top1"])
         print(f"seed {seed}: " + ", ".join(f"{level} {r['linear_top1']:.3f}" for level, r in results["levels"].items()))
-    print(f"untrained {config.arch} on {args.dataset}, seeds {args.seeds}: " + ", ".join(
-        f"{level} {statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}" for level, v in scores.items()))
+    print(f"untrained {config.arch} on {args.dataset}, seeds {args.seeds}: "
+          + ", ".join(f"{level} {mean_std(values)}" for level, values in scores.items()))
 
 
 if __name__ == "__main__":
