@@ -95,7 +95,7 @@ def pipeline_seconds_per_step(step, dataset, aug, args, device):
     return (time.perf_counter() - start) / steps
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -108,7 +108,11 @@ def main():
     p.add_argument("--pipeline-steps", type=int, default=10, help="timed steps of each data pipeline")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def measure(args):
+    """Time every method's step and both input pipelines; returns the figures as a dict (see `report`)."""
     device = torch.device(args.device)
     synthetic = False
     try:
@@ -120,8 +124,8 @@ def main():
     y = dataset.targets[: args.batch_size].to(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"machine: {machine}; torch {torch.__version__}; {args.arch}, batch {args.batch_size} x 2 views, "
-          f"{info.name}{' (synthetic)' if synthetic else ''}, compile={args.compile}")
+    result = {"machine": machine, "setup": f"torch {torch.__version__}; {args.arch}, batch {args.batch_size} x 2 "
+              f"views, {info.name}{' (synthetic)' if synthetic else ''}, compile={args.compile}", "methods": {}}
 
     augment = torch.Generator(device).manual_seed(0)
     view_steps, steps = {}, {}  # each method's step on given views, and the same from a batch of images
@@ -139,25 +143,23 @@ def main():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             step(x, y)
-            memory[name] = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}"
-        else:
-            memory[name] = "n/a"
+            memory[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
 
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             times[name].append(timed(step, x, y, args.steps, device))
     base = statistics.median(times["supcon"])
-    print(f"{'method':<22}{'views/s':>10}{'step ms':>10}{'vs supcon':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
     for name in steps:
         seconds = statistics.median(times[name])
         achieved = flops[name] / seconds / 1e12
-        mfu = f"{achieved / args.peak_tflops:.1%}" if device.type == "cuda" else "n/a"
-        print(f"{name:<22}{2 * args.batch_size / seconds:>10.0f}{seconds * 1e3:>10.1f}{seconds / base:>10.2f}x"
-              f"{achieved:>10.3f}{mfu:>8}{memory[name]:>10}")
+        result["methods"][name] = {
+            "views_per_s": 2 * args.batch_size / seconds, "step_ms": seconds * 1e3, "vs_supcon": seconds / base,
+            "tflops": achieved, "mfu": achieved / args.peak_tflops if device.type == "cuda" else None,
+            "peak_gib": memory.get(name)}
 
     augmentation = timed(lambda a, b: data.two_views(a, info, augment), x, y, args.steps, device)
-    print(f"augmentation alone (two views, per-sample parameters): {2 * args.batch_size / augmentation:.0f} views/s")
+    result["augmentation_views_per_s"] = 2 * args.batch_size / augmentation
 
     # The whole input pipeline: ours (batches sliced from the resident dataset, augmented on the device,
     # bf16 and channels_last on CUDA) against the reference's (PIL transforms in DataLoader workers, fp32).
@@ -165,9 +167,31 @@ def main():
     ours = pipeline_seconds_per_step(view_steps["supcon"], resident, "gpu", args, device)
     reference = pipeline_seconds_per_step(make_step("supcon", [], args, info, device, reference=True), dataset,
                                           "torchvision", args, device)
-    print(f"SupCon training, data loading included: ours {2 * args.batch_size / ours:.0f} views/s, reference "
-          f"(PIL in {args.workers} workers, fp32) {2 * args.batch_size / reference:.0f} views/s "
-          f"-> {reference / ours:.2f}x the reference's speed")
+    result["pipeline"] = {"ours_views_per_s": 2 * args.batch_size / ours,
+                          "reference_views_per_s": 2 * args.batch_size / reference,
+                          "workers": args.workers, "speedup": reference / ours}
+    return result
+
+
+def report(result):
+    """The figures of `measure` as printable lines."""
+    lines = [f"machine: {result['machine']}; {result['setup']}",
+             f"{'method':<22}{'views/s':>10}{'step ms':>10}{'vs supcon':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}"]
+    for name, m in result["methods"].items():
+        mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
+        memory = "n/a" if m["peak_gib"] is None else f"{m['peak_gib']:.2f}"
+        lines.append(f"{name:<22}{m['views_per_s']:>10.0f}{m['step_ms']:>10.1f}{m['vs_supcon']:>10.2f}x"
+                     f"{m['tflops']:>10.3f}{mfu:>8}{memory:>10}")
+    pipeline = result["pipeline"]
+    lines.append(f"augmentation alone (two views, per-sample parameters): {result['augmentation_views_per_s']:.0f} views/s")
+    lines.append(f"SupCon training, data loading included: ours {pipeline['ours_views_per_s']:.0f} views/s, reference "
+                 f"(PIL in {pipeline['workers']} workers, fp32) {pipeline['reference_views_per_s']:.0f} views/s "
+                 f"-> {pipeline['speedup']:.2f}x the reference's speed")
+    return lines
+
+
+def main():
+    print("\n".join(report(measure(parse_args()))))
 
 
 if __name__ == "__main__":
