@@ -19,6 +19,7 @@ workers (`--aug torchvision`). Point clouds
 
 import functools
 import gzip
+import hashlib
 import inspect
 import itertools
 import math
@@ -26,6 +27,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 
@@ -36,6 +38,34 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
+
+
+class DataError(ValueError):
+    """A problem with a dataset's files (missing, malformed, not downloadable) that the user can fix, as
+    opposed to a bug of ours; the message names the file and what is wrong, in one line."""
+
+
+def load_or_exit(*args, **kwargs):
+    """`load` for the command-line scripts: a DataError ends the run with its one line (exit status 1),
+    since a traceback would only bury it; tracebacks are kept for our bugs."""
+    try:
+        return load(*args, **kwargs)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+DOWNLOAD_OFF = "downloading is off (--no-download, or data.load's default download=False)"
+
+
+def download_or_explain(download, what, source, size, target, by_hand):
+    """Call download() after one line saying what is fetched, from where, how big and where to. A failure
+    (no network, a checksum mismatch) becomes one DataError line: what was tried and how to do it by hand."""
+    print(f"downloading {what} ({size}) from {source} into {target}", file=sys.stderr, flush=True)
+    try:
+        return download()
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's md5 check raises RuntimeError
+        reason = " ".join(str(error).split())  # torchvision lists every mirror it tried on lines of their own
+        raise DataError(f"could not download {what} from {source} ({reason}); {by_hand}") from error
 
 
 @dataclass
@@ -207,26 +237,49 @@ FINE_TO_COARSE = [
 
 def cifar100_split(root, split, download):
     folder = os.path.join(root, "cifar-100-python")
-    path = os.path.join(folder, split)
-    if not os.path.exists(path):
-        if not download:
-            raise FileNotFoundError(f"CIFAR-100 not found at {path}; pass --download to fetch it")
+    path, meta_path = os.path.join(folder, split), os.path.join(folder, "meta")
+    missing = [name for name in (path, meta_path) if not os.path.exists(name)]
+    unpack = f"unpack cifar-100-python.tar.gz into {root} so that {folder} holds train, test and meta"
+    if missing and not download:
+        raise DataError(f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
+    if missing:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5)
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
-    with open(os.path.join(folder, "meta"), "rb") as f:
-        meta = pickle.load(f, encoding="bytes")
-    images = torch.from_numpy(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-    fine = torch.tensor(entry[b"fine_labels"], dtype=torch.long)
-    coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
+        by_hand = f"put cifar-100-python.tar.gz (md5 {CIFAR100_MD5}) into {root} and run again, or {unpack}"
+
+        download_or_explain(lambda: download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5),
+                            "CIFAR-100", CIFAR100_URL, "161 MiB, md5-checked", root, by_hand)
+    entry = read_pickle(path, (b"data", b"fine_labels", b"coarse_labels"))
+    meta = read_pickle(meta_path, (b"coarse_label_names", b"fine_label_names"))
+    try:
+        images = torch.from_numpy(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        fine = torch.tensor(entry[b"fine_labels"], dtype=torch.long)
+        coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path}: not a CIFAR-100 batch of 3x32x32 images with integer labels ({error})") from error
+    if not len(images) == len(fine) == len(coarse):
+        raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
+    if len(fine) and not 0 <= fine.min() <= fine.max() < 100:
+        raise DataError(f"{path}: fine labels outside 0..99")
     if not torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]):
-        raise ValueError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
+        raise DataError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
     names = [[n.decode() for n in meta[b"coarse_label_names"]], [n.decode() for n in meta[b"fine_label_names"]]]
     info = DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, names, channels=3,
                        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
     return ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
+
+
+def read_pickle(path, keys):
+    """A CIFAR python pickle: a dict with bytes keys, checked to hold `keys`."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as error:  # a truncated or foreign pickle raises any of a dozen types
+        raise DataError(f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt? ({error!r})") from error
+    missing = [key.decode() for key in keys if not isinstance(entry, dict) or key not in entry]
+    if missing:
+        raise DataError(f"{path}: a CIFAR-100 pickle without {', '.join(missing)}")
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,17 +293,21 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def read_idx(path):
     """Read an IDX file (MNIST's format), plain or gzipped, into a tensor."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        try:
-            zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(4)
+            zero, dtype_code, ndim = struct.unpack(">HBB", header) if len(header) == 4 else (None, None, 0)
             if zero != 0 or dtype_code != 0x08:
-                raise ValueError(f"{path} is not an unsigned-byte IDX file")
-            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        except struct.error as error:
-            raise ValueError(f"{path}: truncated IDX header") from error
-        array = np.frombuffer(f.read(), dtype=np.uint8)
+                raise DataError(f"{path} is not an unsigned-byte IDX file (empty or truncated?)")
+            dims = f.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            array = np.frombuffer(f.read(), dtype=np.uint8)
+    except (EOFError, OSError) as error:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: unreadable ({error})") from error
     if array.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but holds {array.size} bytes")
+        raise DataError(f"{path}: header says {shape} but holds {array.size} bytes")
     return torch.from_numpy(array.reshape(shape).copy())
 
 
@@ -259,11 +316,14 @@ def find_mnist_file(root, name, download):
     for candidate in (os.path.join(raw, name), os.path.join(raw, name + ".gz")):
         if os.path.exists(candidate):
             return candidate
+    files = ", ".join(name for pair in MNIST_FILES.values() for name in pair)
+    by_hand = f"put the four MNIST files ({files}; plain or .gz) into {raw}"
     if not download:
-        raise FileNotFoundError(f"MNIST file {os.path.join(raw, name)} not found; pass --download to fetch it")
+        raise DataError(f"MNIST file {os.path.join(raw, name)}(.gz) not found and {DOWNLOAD_OFF}; {by_hand}")
     from torchvision.datasets import MNIST
 
-    MNIST(root, download=True)  # torchvision checks the md5 of every file
+    download_or_explain(lambda: MNIST(root, download=True), "MNIST", " or ".join(MNIST.mirrors),
+                        "4 files, 11 MiB, md5-checked", raw, by_hand)
     return find_mnist_file(root, name, download=False)
 
 
@@ -277,7 +337,7 @@ class HierarchicalMNIST(Dataset):
 
     def __init__(self, root, split, download=False, image_size=192, seed=0):
         if image_size < 12:
-            raise ValueError(f"--image-size must be at least 12 for hmnist, got {image_size}")
+            raise DataError(f"--image-size must be at least 12 for hmnist, got {image_size}")
         image_file, label_file = MNIST_FILES[split]
         self.digits = read_idx(find_mnist_file(root, image_file, download))
         self.digit_labels = read_idx(find_mnist_file(root, label_file, download)).long()
@@ -356,9 +416,9 @@ def read_off(path):
         lines = [line.split("#")[0].strip() for line in f]
     lines = [line for line in lines if line]
     if not lines or not lines[0].startswith("OFF"):
-        raise ValueError(f"{path} is not an OFF file (it starts with {lines[:1]})")
-    counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
+        raise DataError(f"{path} is not an OFF file (it starts with {lines[:1]})")
     try:
+        counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
         num_vertices, num_faces = int(counts[0]), int(counts[1])
         vertex_lines = lines[start : start + num_vertices]
         face_lines = lines[start + num_vertices : start + num_vertices + num_faces]
@@ -376,9 +436,9 @@ def read_off(path):
                 faces += [(polygon[0], polygon[k], polygon[k + 1]) for k in range(1, len(polygon) - 1)]
             faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
     except (ValueError, IndexError) as error:
-        raise ValueError(f"{path}: malformed OFF file ({error})") from error
+        raise DataError(f"{path}: malformed OFF file ({error})") from error
     if len(faces) == 0 or faces.min() < 0 or faces.max() >= num_vertices:
-        raise ValueError(f"{path}: face indices must lie in [0, {num_vertices})")
+        raise DataError(f"{path}: face indices must lie in [0, {num_vertices})")
     return vertices, faces
 
 
@@ -406,41 +466,48 @@ MODELNET40_SOURCES = ("modelnet40_normal_resampled.zip (the PointNet++ release, 
                       "ModelNet40.zip (https://modelnet.cs.princeton.edu/)")
 
 
-def modelnet40_split(root, split, download=False, groups=None, points=1024):
+def modelnet40_split(root, split, groups=None, points=1024):
     """ModelNet40 point clouds [N, points, 3], unit-sphere normalised, with (group, class) targets.
 
     Reads ROOT/modelnet40_normal_resampled/ (class folders of "x,y,z,nx,ny,nz" text files; the first
     `points` points of each file are kept, as PointNet++ does) or else Princeton's OFF meshes under
     ROOT/ModelNet40/<class>/<split>/*.off (`points` area-weighted surface samples, seeded by the file's
     position in the split, so the result is the same every time). Either is parsed once and cached
-    beside the data as modelnet40_<split>_<points>.npy (+ _labels.npy); delete those to re-parse.
+    beside the data as modelnet40_<split>_<points>_<key>.npy (+ _labels.npy), the key a hash of what
+    defines the split (the list files, or the meshes' names and sizes): a partial unzip followed by the
+    full one parses the full set again instead of reading the partial set's cache.
     Class ids follow modelnet40_shape_names.txt (the 40 names in alphabetical order).
     """
     resampled, meshes = os.path.join(root, "modelnet40_normal_resampled"), os.path.join(root, "ModelNet40")
     if not (os.path.isdir(resampled) or os.path.isdir(meshes)):
-        where = f"{resampled} (or OFF meshes under {meshes})"
-        if download:
-            raise FileNotFoundError(f"ModelNet40 cannot be downloaded automatically (there is no stable "
-                                    f"checksummed source); expected {where}. Get {MODELNET40_SOURCES} and "
-                                    f"unzip it into {root}.")
-        raise FileNotFoundError(f"ModelNet40 not found at {where}; get {MODELNET40_SOURCES} and unzip it into "
-                                f"{root} (--download cannot fetch it: there is no stable checksummed source)")
+        raise DataError(f"ModelNet40 not found: expected {resampled}/ (modelnet40_shape_names.txt, "
+                        f"modelnet40_train.txt, modelnet40_test.txt, <class>/<class>_0001.txt) or OFF meshes "
+                        f"{meshes}/<class>/<train|test>/*.off; it has no stable checksummed source to download "
+                        f"from: get {MODELNET40_SOURCES} and unzip it into {root}")
     folder = resampled if os.path.isdir(resampled) else meshes
     names = MODELNET40_CLASSES
     if folder == resampled:
-        with open(os.path.join(resampled, "modelnet40_shape_names.txt")) as f:
-            names = [line.strip() for line in f if line.strip()]
+        names_file, list_file = (os.path.join(resampled, f"modelnet40_{name}.txt") for name in ("shape_names", split))
+        names, samples = read_list(names_file), read_list(list_file)
+        listing = names + samples
+    else:
+        files = mesh_files(folder, split, names)
+        listing = [f"{os.path.relpath(path, folder)} {os.path.getsize(path)}" for _, path in files]
+    key = hashlib.sha1("\n".join(listing).encode()).hexdigest()[:12]
     groups = MODELNET40_GROUPS if groups is None else groups
     missing = [name for name in names if name not in groups]
     if missing:
-        raise ValueError(f"groups has no coarse group for {missing}")
+        raise DataError(f"ModelNet40 classes {missing} (from {folder}) have no coarse group; pass groups= with them")
     group_names = sorted({groups[name] for name in names})
 
-    cache = os.path.join(folder, f"modelnet40_{split}_{points}")
+    cache = os.path.join(folder, f"modelnet40_{split}_{points}_{key}")
     if os.path.exists(cache + ".npy") and os.path.exists(cache + "_labels.npy"):
         clouds, fine = np.load(cache + ".npy"), np.load(cache + "_labels.npy")
     else:
-        clouds, fine = (read_resampled if folder == resampled else read_meshes)(folder, split, names, points)
+        if folder == resampled:
+            clouds, fine = read_resampled(folder, list_file, samples, names, points)
+        else:
+            clouds, fine = read_meshes(files, split, points)
         clouds = unit_sphere(clouds).astype(np.float32)
         for path, array in ((cache + ".npy", clouds), (cache + "_labels.npy", fine)):
             with open(path + ".tmp", "wb") as f:  # atomic: an interrupted parse leaves no half cache
@@ -453,30 +520,52 @@ def modelnet40_split(root, split, download=False, groups=None, points=1024):
     return PointCloudDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
 
 
-def read_resampled(folder, split, names, points):
-    """The first `points` xyz rows of every text file listed in modelnet40_<split>.txt, and their class ids."""
-    with open(os.path.join(folder, f"modelnet40_{split}.txt")) as f:
-        samples = [line.strip() for line in f if line.strip()]
+def read_list(path):
+    """The non-empty lines of a ModelNet40 list file (class names, or the samples of a split)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found (ModelNet40's list files are modelnet40_shape_names.txt, "
+                        f"modelnet40_train.txt and modelnet40_test.txt)")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise DataError(f"{path} is empty")
+    return lines
+
+
+def read_resampled(folder, list_file, samples, names, points):
+    """The first `points` xyz rows of every text file named in `list_file`, and their class ids."""
     class_id = {name: i for i, name in enumerate(names)}
     clouds, fine = np.empty((len(samples), points, 3), dtype=np.float32), np.empty(len(samples), dtype=np.int64)
-    for i, sample in enumerate(tqdm(samples, desc=f"parsing ModelNet40 {split} (once)", leave=False)):
+    for i, sample in enumerate(tqdm(samples, desc=f"parsing {os.path.basename(list_file)} (once)", leave=False)):
         name = sample.rsplit("_", 1)[0]  # "night_stand_0001" -> "night_stand"
         path = os.path.join(folder, name, sample + ".txt")
+        if name not in class_id or not os.path.exists(path):
+            raise DataError(f"{list_file} names {sample}, but {path} is not there"
+                            + ("" if name in class_id else f" ({name!r} is not in modelnet40_shape_names.txt)"))
         with open(path) as f:
-            xyz = np.loadtxt(itertools.islice(f, points), delimiter=",", usecols=(0, 1, 2), ndmin=2)
-        if len(xyz) != points:
-            raise ValueError(f"{path} has {len(xyz)} points, fewer than the {points} asked for")
-        clouds[i], fine[i] = xyz, class_id[name]
+            rows = list(itertools.islice(f, points))
+        if len(rows) != points:
+            raise DataError(f"{path} has {len(rows)} points, fewer than the {points} asked for")
+        try:
+            clouds[i] = np.loadtxt(rows, delimiter=",", usecols=(0, 1, 2), ndmin=2)
+        except ValueError as error:
+            raise DataError(f"{path}: expected comma-separated rows x,y,z,nx,ny,nz ({error})") from error
+        fine[i] = class_id[name]
     return clouds, fine
 
 
-def read_meshes(folder, split, names, points):
-    """`points` area-weighted surface samples of every OFF mesh of the split, and their class ids."""
+def mesh_files(folder, split, names):
+    """(class id, path) of every OFF mesh of the split, classes in `names` order, files sorted by name."""
     files = [(i, os.path.join(folder, name, split, file)) for i, name in enumerate(names)
              if os.path.isdir(os.path.join(folder, name, split))
              for file in sorted(os.listdir(os.path.join(folder, name, split))) if file.endswith(".off")]
     if not files:
-        raise FileNotFoundError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
+        raise DataError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
+    return files
+
+
+def read_meshes(files, split, points):
+    """`points` area-weighted surface samples of every OFF mesh in `files`, and their class ids."""
     clouds, fine = np.empty((len(files), points, 3), dtype=np.float32), np.empty(len(files), dtype=np.int64)
     for k, (class_id, path) in enumerate(tqdm(files, desc=f"sampling ModelNet40 {split} meshes (once)", leave=False)):
         vertices, faces = read_off(path)
@@ -694,52 +783,75 @@ def shuffled_classes(keys, seed):
 
 
 def read_lines(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read().splitlines()
+    """The lines of a text file split on "\n" only (a trailing "\r" dropped): str.splitlines also splits
+    on "\x85", "\u2028" and others, which can occur inside an abstract and would shift texts against labels."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 WOS_URL = ("https://data.mendeley.com/public-files/datasets/9rw3vkcfy4/files/"
            "c9ea673d-5542-44c0-ab7b-f1311f7d61df/file_downloaded")  # WebOfScience.zip, Mendeley Data v6
+WOS_RELEASES = ("46985", "11967", "5736")
 
 
-def wos_split(root, split):
-    """Web of Science WOS-46985 (Kowsari et al. 2017, HDLTex; Mendeley Data doi:10.17632/9rw3vkcfy4.6).
+def wos_split(root, split, release="46985"):
+    """Web of Science (Kowsari et al. 2017, HDLTex; Mendeley Data doi:10.17632/9rw3vkcfy4.6): WOS-46985, or
+    the smaller WOS-11967 and WOS-5736 of the same archive (`release`).
 
-    Reads ROOT/WebOfScience/WOS46985/{X,Y,YL1,YL2}.txt, one document per line: X the abstract, YL1 the
-    domain (0..6), YL2 the area inside its domain, Y the global area id (0..133), which is the fine label.
-    Every Y must come with a single (YL1, YL2) pair (else ValueError). Train/test: a fixed stratified
-    80/20 split of the areas. Names are "domain k" / "area y" (the archive's spreadsheet is not read).
-    Not downloaded automatically: Mendeley Data publishes no checksum for WebOfScience.zip (WOS_URL).
+    Reads ROOT/WebOfScience/WOS<release>/{X,YL1,YL2}.txt, one document per line: X the abstract, YL1 the
+    domain, YL2 the area's number inside its domain. Levels: domain -> area, an area being a (YL1, YL2)
+    pair, numbered in (YL1, YL2) order, so every area lies in exactly one domain. Y.txt, the archive's flat
+    area id, is not read: in WOS-46985 three of its values (40, 43 and 76) each occur under two domains,
+    and its 134 values do not match the 133 (YL1, YL2) pairs one to one. Classes: 7 domains, 133 areas in
+    WOS-46985 (the paper counts 7 / 35 for WOS-11967 and 3 / 11 for WOS-5736). Train/test: a fixed
+    stratified 80/20 split of the areas. Names are "domain k" / "domain k, area j" (the archive's
+    spreadsheet is not read). Not downloaded: Mendeley Data publishes no checksum for WebOfScience.zip.
     """
-    folder = os.path.join(root, "WebOfScience", "WOS46985")
-    paths = {name: os.path.join(folder, f"{name}.txt") for name in ("X", "Y", "YL1", "YL2")}
-    if not all(os.path.exists(path) for path in paths.values()):
-        raise FileNotFoundError(f"WOS-46985 not found at {folder} (X.txt, Y.txt, YL1.txt, YL2.txt); get "
-                                f"WebOfScience.zip from Mendeley Data (doi:10.17632/9rw3vkcfy4.6, {WOS_URL}) and "
-                                f"unzip it into {os.path.join(root, 'WebOfScience')} (--download cannot fetch it: "
-                                f"there is no published checksum)")
+    if release not in WOS_RELEASES:
+        raise DataError(f"unknown WOS release {release!r}; choose from {', '.join(WOS_RELEASES)}")
+    folder = os.path.join(root, "WebOfScience", f"WOS{release}")
+    paths = {name: os.path.join(folder, f"{name}.txt") for name in ("X", "YL1", "YL2")}
+    missing = [path for path in paths.values() if not os.path.exists(path)]
+    if missing:
+        raise DataError(f"WOS-{release}: {', '.join(missing)} not found; get WebOfScience.zip from Mendeley "
+                        f"Data (doi:10.17632/9rw3vkcfy4.6, {WOS_URL}; no published checksum, so it is not "
+                        f"downloaded) and unzip it so that {folder} holds X.txt, YL1.txt and YL2.txt")
     texts = read_lines(paths["X"])
-    labels = {}
-    for name in ("Y", "YL1", "YL2"):
-        try:
-            labels[name] = torch.tensor([int(value) for value in read_lines(paths[name])], dtype=torch.long)
-        except ValueError as error:
-            raise ValueError(f"{paths[name]}: {error}") from error
-        if len(labels[name]) != len(texts):
-            raise ValueError(f"{paths[name]} has {len(labels[name])} lines but {paths['X']} has {len(texts)}")
-    area, domain, local = labels["Y"], labels["YL1"], labels["YL2"]
-    if min(area.min(), domain.min(), local.min()) < 0:
-        raise ValueError(f"{folder}: negative label ids")
-    for y in area.unique().tolist():
-        pairs = torch.stack([domain[area == y], local[area == y]], dim=1).unique(dim=0)
-        if len(pairs) > 1:
-            raise ValueError(f"{folder}: area Y={y} comes with {len(pairs)} different (YL1, YL2) pairs "
-                             f"{pairs.tolist()[:4]}: Y.txt and YL1.txt/YL2.txt disagree")
+    if not texts:
+        raise DataError(f"{paths['X']} is empty")
+    labels = {name: read_label_file(paths[name], len(texts), paths["X"]) for name in ("YL1", "YL2")}
+    pairs, area = torch.stack([labels["YL1"], labels["YL2"]], dim=1).unique(dim=0, return_inverse=True)
+    domains = pairs[:, 0].unique()
+    domain = torch.searchsorted(domains, labels["YL1"])  # numbered 0.. even if the files skip one
     keep = split_indices(area, split)
-    info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in range(int(domain.max()) + 1)],
-                                                 [f"area {y}" for y in range(int(area.max()) + 1)]])
+    info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in domains.tolist()],
+                                                 [f"domain {k}, area {j}" for k, j in pairs.tolist()]])
     targets = torch.stack([domain, area], dim=1)[keep]
     return TextDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+
+
+def read_label_file(path, expected, text_path):
+    """One non-negative integer per line, as many lines as the texts have."""
+    lines = read_lines(path)
+    if len(lines) != expected:
+        raise DataError(f"{path} has {len(lines)} lines but {text_path} has {expected}")
+    for number, line in enumerate(lines, 1):
+        if not re.fullmatch(r"\s*[0-9]+\s*", line):
+            raise DataError(f"{path}, line {number}: {line!r} is not a label id (a non-negative integer)")
+    return torch.tensor([int(line) for line in lines], dtype=torch.long)
+
+
+def sklearn_fetch(fetch, download, what, source, size, target, by_hand):
+    """What scikit-learn's fetcher `fetch` returns: from its cache, else downloaded (if allowed) by it."""
+    try:
+        return fetch(download_if_missing=False)
+    except OSError as error:  # scikit-learn's "not found"
+        if not download:
+            raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}") from error
+    return download_or_explain(lambda: fetch(download_if_missing=True), what, source, size, target, by_hand)
 
 
 def newsgroups_split(root, split, download):
@@ -747,14 +859,11 @@ def newsgroups_split(root, split, download):
     removed. Levels: the group name's top-level prefix ("rec") -> the full group name ("rec.autos")."""
     from sklearn.datasets import fetch_20newsgroups
 
-    try:
-        bunch = fetch_20newsgroups(data_home=root, subset=split, download_if_missing=download,
-                                   remove=("headers", "footers", "quotes"))
-    except OSError as error:  # FileNotFoundError included; a failed download is raised as it is
-        if download:
-            raise
-        raise FileNotFoundError(f"20 Newsgroups not found in {root} (scikit-learn's 20news-bydate_py3.pkz); "
-                                f"pass --download to fetch it ({error})") from error
+    source = "https://ndownloader.figshare.com/files/5975967"
+    by_hand = f"put 20news-bydate.tar.gz from {source} into {os.path.join(root, '20news_home')} and run again"
+    bunch = sklearn_fetch(functools.partial(fetch_20newsgroups, data_home=root, subset=split,
+                                            remove=("headers", "footers", "quotes")),
+                          download, "20 Newsgroups", source, "14 MB, sha256-checked", root, by_hand)
     groups = list(bunch.target_names)
     tops = sorted({group.split(".")[0] for group in groups})
     fine = torch.as_tensor(np.asarray(bunch.target), dtype=torch.long)
@@ -779,14 +888,11 @@ def rcv1_split(root, split, download, seed, test_size=20_000):
     import scipy.sparse
     from sklearn.datasets import fetch_rcv1
 
-    try:
-        bunch = fetch_rcv1(data_home=root, subset=split, download_if_missing=download)
-    except OSError as error:
-        if download:
-            raise
-        raise FileNotFoundError(f"RCV1 not found in {os.path.join(root, 'RCV1')} (scikit-learn's "
-                                f"samples_py3.pkl and sample_topics_py3.pkl); pass --download to fetch it "
-                                f"({error})") from error
+    folder = os.path.join(root, "RCV1")
+    by_hand = (f"put scikit-learn's RCV1 files (lyrl2004_vectors_train.dat.gz, lyrl2004_vectors_test_pt0..3.dat.gz, "
+               f"rcv1v2.topics.qrels.gz; their URLs are in sklearn/datasets/_rcv1.py) into {folder} and run again")
+    bunch = sklearn_fetch(functools.partial(fetch_rcv1, data_home=root, subset=split), download, "RCV1",
+                          "https://ndownloader.figshare.com (6 files)", "656 MB, sha256-checked", folder, by_hand)
     topics = [str(name) for name in bunch.target_names]
     groups = [(group, [k for k, topic in enumerate(topics) if topic[0] == group[0]]) for group in RCV1_ROOTS]
     if sum(len(members) for _, members in groups) != len(topics):
@@ -916,10 +1022,10 @@ LOADERS = {
     "hmnist": lambda root, split, download, seed, image_size=None, **_: HierarchicalMNIST(
         root, split, download, image_size=image_size or 192, seed=seed),
     "modelnet40": lambda root, split, download, seed, groups=None, points=None, **_: modelnet40_split(
-        root, split, download, groups, points or 1024),
+        root, split, groups, points or 1024),
     "shapes": lambda root, split, download, seed, size=None, points=None, **_: shapes_split(
         split, size or (2000 if split == "train" else 800), points or 256),
-    "wos": lambda root, split, download, seed, **_: wos_split(root, split),
+    "wos": lambda root, split, download, seed, release=None, **_: wos_split(root, split, release or "46985"),
     "20newsgroups": lambda root, split, download, seed, **_: newsgroups_split(root, split, download),
     "rcv1": lambda root, split, download, seed, test_size=20_000, **_: rcv1_split(root, split, download, seed, test_size),
     "skdocs": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=False),
@@ -931,12 +1037,14 @@ DATASETS = tuple(LOADERS)
 def load(name, root="./data", split="train", download=False, fraction=1.0, seed=0, **options):
     """Return a Dataset of (x, y) with `.info` (SPEC §4).
 
-    `fraction` keeps a class-stratified fraction of the training split, drawn from `seed` (the same
-    subset for every method). Options: `size` (hdigits composites; 5000 train / 1000 test by default),
-    `image_size` (hmnist canvas, 192 as in the paper), `size` and `points` (shapes: 2000 train / 800 test
-    clouds of 256 points), `points` and `groups` (modelnet40: 1024, MODELNET40_GROUPS), `test_size`
-    (rcv1: 20,000 of the 781,265 test documents; None keeps all); options a dataset does not use are
-    ignored.
+    `download` fetches a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups,
+    rcv1) into `root`, off by default here (the scripts turn it on; `--no-download` turns it off).
+    Problems with the files raise DataError. `fraction` keeps a class-stratified fraction of the training
+    split, drawn from `seed` (the same subset for every method). Options: `size` (hdigits composites;
+    5000 train / 1000 test by default), `image_size` (hmnist canvas, 192 as in the paper), `size` and
+    `points` (shapes: 2000 train / 800 test clouds of 256 points), `points` and `groups` (modelnet40:
+    1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000 of the 781,265 test documents; None keeps all),
+    `release` (wos: "46985", "11967" or "5736"); options a dataset does not use are ignored.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")

@@ -279,10 +279,11 @@ def main(argv=None):
         raise SystemExit(f"cannot read checkpoint {args.checkpoint}: {error}") from error
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     method = importlib.import_module(os.path.splitext(method_file)[0])
-    options = dict(download=False, seed=config.seed, image_size=config.image_size)
+    options = dict(download=False, seed=config.seed, image_size=config.image_size,
+                   release=getattr(config, "wos_release", None))  # checkpoints older than --wos-release lack it
     data_dir = args.data_dir or config.data_dir
-    train_set = data.load(config.dataset, data_dir, "train", fraction=config.fraction, **options)
-    test_set = data.load(config.dataset, data_dir, "test", **options)
+    train_set = data.load_or_exit(config.dataset, data_dir, "train", fraction=config.fraction, **options)
+    test_set = data.load_or_exit(config.dataset, data_dir, "test", **options)
     model = method.build_model(config, train_set.info)
     model.load_state_dict(state["model"])
     results = evaluate(model.encoder.to(device), train_set, test_set, device, args.protocol, args.val_fraction,

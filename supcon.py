@@ -13,7 +13,7 @@ What this file implements
 
 Run
     python supcon.py                                  # hdigits demo, a few minutes on a laptop CPU
-    python supcon.py --dataset cifar100 --download --epochs 200
+    python supcon.py --dataset cifar100 --epochs 200
     torchrun --nproc_per_node=4 supcon.py --dataset cifar100
 """
 
@@ -303,7 +303,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
-    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups, "
+                        "rcv1) into --data-dir; --no-download forbids it")
+    p.add_argument("--wos-release", choices=data.WOS_RELEASES, default="46985", help="the release --dataset wos reads")
     p.add_argument("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
     p.add_argument("--epochs", type=int, help="training epochs; default from the preset")
     p.add_argument("--batch-size", type=int, help="global batch size (samples, each with 2 views)")
@@ -404,8 +407,13 @@ def train(args):
         raise SystemExit(f"{checkpoint_path} exists; pass --resume {checkpoint_path} or another --out")
     resumed = load_checkpoint(args.resume, args) if args.resume else None
 
-    options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size)
-    train_set = data.load(args.dataset, args.data_dir, "train", **options)
+    options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
+                   release=args.wos_release)
+    if rank > 0:
+        dist.barrier()  # rank 0 downloads a missing dataset first, so that no two ranks write the same files
+    train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
+    if rank == 0 and world_size > 1:
+        dist.barrier()
     info = train_set.info
     if args.aug == "torchvision" and info.modality != "image":
         raise SystemExit(f"--aug torchvision is the reference image pipeline; {args.dataset} holds {info.modality}")
@@ -495,7 +503,7 @@ def train(args):
 
     results = None
     if rank == 0 and not args.no_eval:
-        test_set = data.load(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
+        test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
         results = linear_eval.evaluate(core.encoder, train_set, test_set, device,
                                        classifier=getattr(core, "classifier", None))
         results = {"method": METHOD, "dataset": args.dataset, **results}

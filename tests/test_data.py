@@ -5,6 +5,7 @@ import gzip
 import os
 import pickle
 import struct
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -85,13 +86,91 @@ def test_cifar100_rejects_inconsistent_coarse_labels(tmp_path):
 
 
 def test_cifar100_missing_names_path_and_flag(tmp_path):
-    """Without the files and without download: FileNotFoundError naming the expected path and --download."""
+    """Without the files and with downloading off: a DataError naming each missing file and --no-download."""
     root = tmp_path / "nothing-here"
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(data.DataError) as error:
         data.load("cifar100", str(root), "train")
     message = str(error.value)
-    assert str(root) in message and "cifar-100-python" in message
-    assert "--download" in message
+    assert os.path.join(str(root), "cifar-100-python", "train") in message
+    assert os.path.join(str(root), "cifar-100-python", "meta") in message
+    assert "--no-download" in message and "\n" not in message
+    write_cifar100(tmp_path)
+    os.remove(tmp_path / "cifar-100-python" / "meta")
+    with pytest.raises(data.DataError, match="meta not found") as error:
+        data.load("cifar100", str(tmp_path), "train")
+    assert "/train" not in str(error.value)  # only the file that is missing
+
+
+def test_cifar100_is_downloaded_when_missing(tmp_path, monkeypatch, capsys):
+    """download=True fetches the archive (md5-checked by torchvision) into the root, after one line that
+    says what, from where, how big and where to; then the pickles are read."""
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def fake_download(url, root, md5):
+        calls.append((url, root, md5))
+        write_cifar100(tmp_path / "data")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
+    ds = data.load("cifar100", str(tmp_path / "data"), "train", download=True)
+    assert len(ds) == 12 and calls == [(data.CIFAR100_URL, str(tmp_path / "data"), data.CIFAR100_MD5)]
+    announcement = capsys.readouterr().err
+    assert "CIFAR-100" in announcement and data.CIFAR100_URL in announcement and "161 MiB" in announcement
+    assert str(tmp_path / "data") in announcement
+    data.load("cifar100", str(tmp_path / "data"), "test", download=True)
+    assert len(calls) == 1  # present files are not fetched again
+
+
+@pytest.mark.parametrize("failure", [URLError("[Errno -3] Temporary failure in name resolution"),
+                                     RuntimeError("File not found or corrupted.")])
+def test_cifar100_failed_download_is_one_line(tmp_path, monkeypatch, failure):
+    """No network (URLError) or a checksum mismatch (torchvision's RuntimeError): one DataError line that says
+    what was tried and where to put the files by hand."""
+    import torchvision.datasets.utils
+
+    def fail(url, root, md5):
+        raise failure
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fail)
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar100", str(tmp_path), "train", download=True)
+    message = str(error.value)
+    assert data.CIFAR100_URL in message and str(failure.args[0]) in message and "\n" not in message
+    assert "cifar-100-python.tar.gz" in message and data.CIFAR100_MD5 in message and str(tmp_path) in message
+
+
+def drop_key(key):
+    def damage(path):
+        with open(path, "rb") as f:
+            entry = pickle.load(f)
+        del entry[key]
+        with open(path, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    return damage
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("file, damage, match", [
+    ("train", drop_key(b"coarse_labels"), "without coarse_labels"),
+    ("train", truncate, "truncated or corrupt"),
+    ("train", empty, "truncated or corrupt"),
+    ("meta", drop_key(b"fine_label_names"), "without fine_label_names"),
+])
+def test_cifar100_damaged_pickles_name_the_file(tmp_path, file, damage, match):
+    write_cifar100(tmp_path)
+    path = tmp_path / "cifar-100-python" / file
+    damage(path)
+    with pytest.raises(data.DataError, match=match) as error:
+        data.load("cifar100", str(tmp_path), "train")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,11 +384,33 @@ def test_hmnist_is_composed_once_onto_the_device(mnist_root):
     assert data.to_device(full, torch.device("cpu"), max_bytes=48 * 48 * 39) is full
 
 
-def test_hmnist_missing_files(tmp_path):
-    """No MNIST files and no download: FileNotFoundError naming the path and --download."""
-    with pytest.raises(FileNotFoundError) as error:
-        data.load("hmnist", str(tmp_path), "train", image_size=48)
-    assert "--download" in str(error.value) and os.path.join(str(tmp_path), "MNIST") in str(error.value)
+def test_hmnist_missing_files(mnist_root):
+    """With downloading off, a missing MNIST file is a DataError naming that file (not the set) and the flag."""
+    root, _ = mnist_root
+    missing = root / "MNIST" / "raw" / data.MNIST_FILES["train"][1]
+    missing.unlink()
+    with pytest.raises(data.DataError) as error:
+        data.load("hmnist", str(root), "train", image_size=48)
+    message = str(error.value)
+    assert str(missing) in message and "--no-download" in message
+    assert os.path.join("raw", data.MNIST_FILES["train"][0]) + "(" not in message
+
+
+def test_hmnist_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    """torchvision tries every MNIST mirror and reports them on several lines: we make it one, with where
+    to put the four files by hand."""
+    import torchvision.datasets.mnist
+
+    def fail(url, **kwargs):
+        raise URLError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fail)
+    with pytest.raises(data.DataError) as error:
+        data.load("hmnist", str(tmp_path), "train", image_size=48, download=True)
+    message = str(error.value)
+    assert "Network is unreachable" in message and "\n" not in message
+    assert os.path.join(str(tmp_path), "MNIST", "raw") in message and "t10k-labels-idx1-ubyte" in message
+    assert "downloading MNIST" in capsys.readouterr().err
 
 
 def test_hmnist_corrupt_file(mnist_root):
@@ -317,8 +418,22 @@ def test_hmnist_corrupt_file(mnist_root):
     root, _ = mnist_root
     path = root / "MNIST" / "raw" / data.MNIST_FILES["train"][0]
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError):
+    with pytest.raises(data.DataError, match="header says"):
         data.load("hmnist", str(root), "train", image_size=48)
+
+
+def test_hmnist_truncated_gzip(mnist_root):
+    """A .gz cut short (an interrupted copy) is a DataError naming the file, not gzip's EOFError."""
+    root, _ = mnist_root
+    path = root / "MNIST" / "raw" / data.MNIST_FILES["train"][0]
+    with gzip.open(str(path) + ".gz", "wb") as f:
+        f.write(path.read_bytes())
+    path.unlink()
+    gz = root / "MNIST" / "raw" / (data.MNIST_FILES["train"][0] + ".gz")
+    gz.write_bytes(gz.read_bytes()[:200])
+    with pytest.raises(data.DataError, match="unreadable") as error:
+        data.load("hmnist", str(root), "train", image_size=48)
+    assert str(gz) in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -129,24 +129,56 @@ def test_modelnet40_resampled_text_files(tmp_path):
         assert x.shape == (1024, 3) and torch.equal(y, ds.targets[0])
 
 
+def cache_files(folder, split, points=1024):
+    """The point caches of a split, keyed by the content of what defines it (labels files excluded)."""
+    return sorted(path for path in folder.glob(f"modelnet40_{split}_{points}_*.npy") if "_labels" not in path.name)
+
+
 def test_modelnet40_cache_is_written_and_reused(tmp_path):
     """The parsed split is cached to .npy beside the data and read instead of the text files next time."""
     write_resampled(tmp_path)
     folder = tmp_path / "modelnet40_normal_resampled"
     first = data.load("modelnet40", str(tmp_path), "train")
-    assert (folder / "modelnet40_train_1024.npy").exists() and (folder / "modelnet40_train_1024_labels.npy").exists()
-    assert np.array_equal(np.load(folder / "modelnet40_train_1024.npy"), first.points.numpy())
-    # Alter every point file and delete the split list: a re-parse would change the points or fail.
+    [cache] = cache_files(folder, "train")
+    assert cache.with_name(cache.stem + "_labels.npy").exists()
+    assert np.array_equal(np.load(cache), first.points.numpy())
+    # Alter every point file: a re-parse would change the points.
     for name, number in RESAMPLED_SAMPLES["train"]:
         (folder / name / f"{name}_{number:04d}.txt").write_text("9,9,9,0,0,1\n" * 1100)
-    (folder / "modelnet40_train.txt").unlink()
     again = data.load("modelnet40", str(tmp_path), "train")
     assert torch.equal(again.points, first.points) and torch.equal(again.targets, first.targets)
     # Without the cache the altered files are parsed again (so the test above could fail).
-    (folder / "modelnet40_train.txt").write_text("\n".join(f"{n}_{k:04d}" for n, k in RESAMPLED_SAMPLES["train"]))
-    os.remove(folder / "modelnet40_train_1024.npy")
+    cache.unlink()
     reparsed = data.load("modelnet40", str(tmp_path), "train")
     assert not torch.equal(reparsed.points, first.points)
+
+
+def test_modelnet40_cache_follows_the_list_files(tmp_path):
+    """A partial unzip (a shorter split list) followed by the full one parses the full set again: the
+    cache is keyed on the list files' content, not only on the split and point count."""
+    write_resampled(tmp_path)
+    folder = tmp_path / "modelnet40_normal_resampled"
+    full_list = (folder / "modelnet40_train.txt").read_text()
+    (folder / "modelnet40_train.txt").write_text("\n".join(full_list.split()[:2]) + "\n")
+    assert len(data.load("modelnet40", str(tmp_path), "train")) == 2
+    (folder / "modelnet40_train.txt").write_text(full_list)
+    assert len(data.load("modelnet40", str(tmp_path), "train")) == len(RESAMPLED_SAMPLES["train"])
+    assert len(cache_files(folder, "train")) == 2
+
+
+def test_modelnet40_mesh_cache_follows_the_files(tmp_path):
+    """OFF meshes have no list file: the cache is keyed on the meshes' names and sizes, so a mesh added
+    (the rest of an unzip) or grown (a file that was cut short) is parsed, not hidden by the old cache."""
+    write_meshes(tmp_path)
+    folder = tmp_path / "ModelNet40"
+    assert len(data.load("modelnet40", str(tmp_path), "train")) == 3
+    (folder / "sofa" / "train" / "sofa_0002.off").write_text(tetrahedron_off())
+    assert len(data.load("modelnet40", str(tmp_path), "train")) == 4
+    (folder / "sofa" / "train" / "sofa_0002.off").write_text(cube_off())
+    grown = data.load("modelnet40", str(tmp_path), "train")
+    assert len(cache_files(folder, "train")) == 3
+    (folder / "sofa" / "train" / "sofa_0002.off").write_text(tetrahedron_off())
+    assert not torch.equal(data.load("modelnet40", str(tmp_path), "train").points, grown.points)
 
 
 def test_modelnet40_points_option_and_short_files(tmp_path):
@@ -154,8 +186,8 @@ def test_modelnet40_points_option_and_short_files(tmp_path):
     write_resampled(tmp_path, rows=1100)
     ds = data.load("modelnet40", str(tmp_path), "test", points=512)
     assert ds.points.shape == (3, 512, 3)
-    assert (tmp_path / "modelnet40_normal_resampled" / "modelnet40_test_512.npy").exists()
-    with pytest.raises(ValueError, match="fewer than the 2048"):
+    assert len(cache_files(tmp_path / "modelnet40_normal_resampled", "test", points=512)) == 1
+    with pytest.raises(data.DataError, match="fewer than the 2048"):
         data.load("modelnet40", str(tmp_path), "test", points=2048)
 
 
@@ -189,8 +221,7 @@ def test_modelnet40_off_fallback(tmp_path):
     centre = (cube.max(0).values + cube.min(0).values) / 2
     extent = (cube - centre).abs().max(dim=1).values
     assert extent.max() - extent.min() < 1e-5
-    cache = tmp_path / "ModelNet40" / "modelnet40_train_1024.npy"
-    assert cache.exists()
+    [cache] = cache_files(tmp_path / "ModelNet40", "train")
     cache.unlink()
     again = data.load("modelnet40", str(tmp_path), "train")
     assert torch.equal(again.points, train.points)
@@ -206,17 +237,54 @@ def test_modelnet40_prefers_resampled_folder(tmp_path):
 
 
 def test_modelnet40_missing_files(tmp_path):
-    """No data: FileNotFoundError naming the expected path and --download; with download=True it says where
-    to get the files, since there is no checksummed source to download from."""
-    expected = os.path.join(str(tmp_path), "modelnet40_normal_resampled")
-    with pytest.raises(FileNotFoundError) as error:
+    """No data: a DataError naming both layouts it looks for and where to get them, since there is no
+    checksummed source to download from; nothing is written."""
+    for download in (False, True):
+        with pytest.raises(data.DataError) as error:
+            data.load("modelnet40", str(tmp_path), "train", download=download)
+        message = str(error.value)
+        assert os.path.join(str(tmp_path), "modelnet40_normal_resampled") in message
+        assert os.path.join(str(tmp_path), "ModelNet40") in message and "modelnet40_train.txt" in message
+        assert "modelnet40_normal_resampled.zip" in message and "ModelNet40.zip" in message
+    assert not os.listdir(tmp_path)
+
+
+def break_shape_names(folder):
+    (folder / "modelnet40_shape_names.txt").unlink()
+
+
+def break_list(folder):
+    with open(folder / "modelnet40_train.txt", "a") as f:
+        f.write("chair_0999\n")
+
+
+def empty_list(folder):
+    (folder / "modelnet40_train.txt").write_text("\n")
+
+
+def space_separated(folder):
+    path = folder / "chair" / "chair_0001.txt"
+    path.write_text(path.read_text().replace(",", " "))
+
+
+def empty_points_file(folder):
+    (folder / "airplane" / "airplane_0002.txt").write_text("")
+
+
+@pytest.mark.parametrize("damage, culprit, match", [
+    (break_shape_names, "modelnet40_shape_names.txt", "not found"),
+    (break_list, "modelnet40_train.txt", "names chair_0999, but .*chair_0999.txt is not there"),
+    (empty_list, "modelnet40_train.txt", "is empty"),
+    (space_separated, "chair_0001.txt", "comma-separated"),
+    (empty_points_file, "airplane_0002.txt", "has 0 points"),
+])
+def test_modelnet40_damaged_files_name_the_file(tmp_path, damage, culprit, match):
+    """Each of these is the user's to fix: one DataError naming the file and what is wrong."""
+    write_resampled(tmp_path)
+    damage(tmp_path / "modelnet40_normal_resampled")
+    with pytest.raises(data.DataError, match=match) as error:
         data.load("modelnet40", str(tmp_path), "train")
-    assert expected in str(error.value) and "--download" in str(error.value)
-    with pytest.raises(FileNotFoundError) as error:
-        data.load("modelnet40", str(tmp_path), "train", download=True)
-    message = str(error.value)
-    assert expected in message and "modelnet40_normal_resampled.zip" in message and "ModelNet40.zip" in message
-    assert not os.listdir(tmp_path)  # nothing was written
+    assert culprit in str(error.value) and "\n" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------

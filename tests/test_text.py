@@ -108,72 +108,141 @@ def test_text_augment_and_normalize_dispatch():
 # Web of Science
 # --------------------------------------------------------------------------------------------------
 
-WOS_AREAS = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]  # (YL1, YL2) of global areas Y = 0..5
+WOS_AREAS = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]  # (YL1, YL2) of the areas, in (YL1, YL2) order
 
 
-def write_wos(root, per_area=10, corrupt=False):
-    folder = root / "WebOfScience" / "WOS46985"
+def wos_y(area, n):
+    """Y.txt's value for document n of an area, with the quirks of the real WOS-46985: one Y value (3, like
+    the real 40, 43 and 76) occurs under two domains, and there are more Y values (7) than areas (6)."""
+    if area == 5 and n % 2:
+        return 3  # area 5 lies in domain 2, area 3 (also Y = 3) in domain 1
+    return 6 if area == 0 and n % 3 == 0 else area
+
+
+def write_wos(root, per_area=10, release="46985", line_end="\n"):
+    """root/WebOfScience/WOS<release>/{X,Y,YL1,YL2}.txt, one value per line, as in WebOfScience.zip. Document
+    n of area a begins with the word "Doc<a>x<n>"; the first one holds "\x85" and "\u2028", which
+    str.splitlines would take for line breaks."""
+    folder = root / "WebOfScience" / f"WOS{release}"
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     lines = {"X": [], "Y": [], "YL1": [], "YL2": []}
-    for y, (domain, local) in enumerate(WOS_AREAS):
-        vocabulary = [f"dom{domain}word{k}" for k in range(5)] + [f"area{y}term{k}" for k in range(5)]
+    for area, (domain, local) in enumerate(WOS_AREAS):
+        vocabulary = [f"dom{domain}word{k}" for k in range(5)] + [f"area{area}term{k}" for k in range(5)]
         for n in range(per_area):
-            lines["X"].append(f"Doc{y}x{n} " + " ".join(synthetic_words(generator, 30, vocabulary)))
-            lines["Y"].append(str(y))
+            lines["X"].append(f"Doc{area}x{n} " + " ".join(synthetic_words(generator, 30, vocabulary)))
+            lines["Y"].append(str(wos_y(area, n)))
             lines["YL1"].append(str(domain))
             lines["YL2"].append(str(local))
-    if corrupt:
-        lines["YL1"][3] = "2"  # area 0 now appears under two domains
+    lines["X"][0] += " an\x85odd\u2028break"
     for name, values in lines.items():
-        (folder / f"{name}.txt").write_text("\n".join(values) + "\n")
+        (folder / f"{name}.txt").write_bytes((line_end.join(values) + line_end).encode("utf-8"))
     return lines
 
 
-def test_wos_reads_the_text_files_with_a_fixed_stratified_split(tmp_path):
-    lines = write_wos(tmp_path)
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_wos_reads_the_text_files_with_a_fixed_stratified_split(tmp_path, line_end):
+    lines = write_wos(tmp_path, line_end=line_end)
     train = data.load("wos", str(tmp_path), "train")
     test = data.load("wos", str(tmp_path), "test")
     info = train.info
     assert info.modality == "text" and not info.multilabel
     assert info.level_names == ["domain", "area"] and info.num_classes == [3, 6]
-    assert len(info.label_names[1]) == 6
+    assert info.label_names[1][5] == "domain 2, area 0"
     assert len(train) == 48 and len(test) == 12  # 80/20 of every area's 10 documents
-    for y in range(6):
-        assert (train.targets[:, 1] == y).sum() == 8 and (test.targets[:, 1] == y).sum() == 2
+    for area in range(6):
+        assert (train.targets[:, 1] == area).sum() == 8 and (test.targets[:, 1] == area).sum() == 2
 
-    # Every document once, in one split, with its own labels and its own words.
+    # Every document once, in one split, with its own (domain, area) and its own words.
     by_first_word = {data.hash_token(text.split()[0].lower()): i for i, text in enumerate(lines["X"])}
     seen = []
     for dataset in (train, test):
         for x, y in (dataset[i] for i in range(len(dataset))):
             i = by_first_word[int(x[0])]
             seen.append(i)
-            assert y.tolist() == [int(lines["YL1"][i]), int(lines["Y"][i])]
+            assert y.tolist() == [int(lines["YL1"][i]), WOS_AREAS.index((int(lines["YL1"][i]), int(lines["YL2"][i])))]
             assert torch.equal(x, data.encode_texts([lines["X"][i]])[0])
     assert sorted(seen) == list(range(60))
     assert torch.equal(data.load("wos", str(tmp_path), "test").inputs, test.inputs)  # the same split every time
 
 
-def test_wos_label_files_must_agree(tmp_path):
-    write_wos(tmp_path, corrupt=True)
-    with pytest.raises(ValueError, match="Y=0"):
+def test_wos_hierarchy_from_label_files_shaped_like_the_release(tmp_path):
+    """Y.txt as published does not make a hierarchy (a Y value under two domains); the areas are the
+    (YL1, YL2) pairs, so every area lies in one domain and every document keeps its domain."""
+    lines = write_wos(tmp_path)
+    domains_of_y3 = {d for y, d in zip(lines["Y"], lines["YL1"]) if y == "3"}
+    assert domains_of_y3 == {"1", "2"} and len(set(lines["Y"])) == 7  # the fixture has the quirk
+    train = data.load("wos", str(tmp_path), "train")
+    domain_of_area = {}
+    for domain, area in train.targets.tolist():
+        assert domain_of_area.setdefault(area, domain) == domain
+    assert domain_of_area == {area: domain for area, (domain, _) in enumerate(WOS_AREAS)}
+
+
+def test_wos_smaller_releases(tmp_path):
+    """release= (--wos-release) reads WOS-11967 or WOS-5736 from the same archive."""
+    write_wos(tmp_path, per_area=5, release="5736")
+    assert len(data.load("wos", str(tmp_path), "train", release="5736")) == 24
+    with pytest.raises(data.DataError, match="WOS46985"):
         data.load("wos", str(tmp_path), "train")
+    assert mlcl.parse_args(["--dataset", "wos", "--wos-release", "11967"]).wos_release == "11967"
 
 
-def test_wos_line_counts_must_agree(tmp_path):
+def cut_last_line(path):
+    path.write_text("\n".join(path.read_text().split("\n")[:-2]))
+
+
+def bad_value(path):
+    values = path.read_text().split("\n")
+    values[2] = "two"
+    path.write_text("\n".join(values))
+
+
+@pytest.mark.parametrize("name, damage, match", [
+    ("YL2", cut_last_line, "YL2.txt has 59 lines but .*X.txt has 60"),
+    ("YL1", bad_value, "YL1.txt, line 3: 'two' is not a label id"),
+    ("YL1", lambda path: path.unlink(), "YL1.txt not found"),
+    ("X", lambda path: path.write_text(""), "X.txt is empty"),
+])
+def test_wos_damaged_files_name_the_file(tmp_path, name, damage, match):
     write_wos(tmp_path)
-    path = tmp_path / "WebOfScience" / "WOS46985" / "YL2.txt"
-    path.write_text("\n".join(path.read_text().splitlines()[:-1]))
-    with pytest.raises(ValueError, match="YL2.txt has 59 lines"):
+    damage(tmp_path / "WebOfScience" / "WOS46985" / f"{name}.txt")
+    with pytest.raises(data.DataError, match=match) as error:
         data.load("wos", str(tmp_path), "train")
+    message = str(error.value)
+    assert "\n" not in message
+    if name == "YL1" and "not found" in match:  # which file of the set is missing, and no other
+        assert "X.txt" not in message.split("not found")[0] and "YL2.txt" not in message.split("not found")[0]
 
 
-@pytest.mark.parametrize("name", ["wos", "20newsgroups", "rcv1"])
-def test_missing_text_data_names_the_path_and_the_flag(tmp_path, name):
-    with pytest.raises(FileNotFoundError, match="--download") as error:
+@pytest.mark.parametrize("name, hint", [("wos", "WebOfScience.zip"), ("20newsgroups", "--no-download"),
+                                        ("rcv1", "--no-download")])
+def test_missing_text_data_names_the_path_and_the_flag(tmp_path, name, hint):
+    with pytest.raises(data.DataError, match=hint) as error:
         data.load(name, str(tmp_path), "train")
-    assert str(tmp_path) in str(error.value)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, fetcher, size, folder", [("20newsgroups", "fetch_20newsgroups", "14 MB", "20news_home"),
+                                                         ("rcv1", "fetch_rcv1", "656 MB", "RCV1")])
+def test_failed_sklearn_download_is_one_line(tmp_path, monkeypatch, capsys, name, fetcher, size, folder):
+    """A missing scikit-learn dataset is fetched (after a line saying what, how big and where to); a
+    failure (here a checksum mismatch, raised by scikit-learn as OSError) ends in one DataError line
+    that says what was tried and where to put the files by hand."""
+    import sklearn.datasets
+
+    def fake_fetch(download_if_missing, **options):
+        if download_if_missing:
+            raise OSError("lyrl2004.dat.gz has an SHA256 checksum differing from expected,\nfile may be corrupted.")
+        raise OSError("not found")
+
+    monkeypatch.setattr(sklearn.datasets, fetcher, fake_fetch)
+    with pytest.raises(data.DataError, match="could not download") as error:
+        data.load(name, str(tmp_path), "train", download=True)
+    message = str(error.value)
+    assert "checksum" in message and "figshare" in message and "\n" not in message
+    assert os.path.join(str(tmp_path), folder) in message
+    assert f"({size}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
