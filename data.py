@@ -412,7 +412,7 @@ def read_off(path):
 
     Princeton's ModelNet files sometimes glue the counts to the magic word: "OFF490 518 0".
     """
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a binary file is then "not an OFF file", not a UnicodeDecodeError
         lines = [line.split("#")[0].strip() for line in f]
     lines = [line for line in lines if line]
     if not lines or not lines[0].startswith("OFF"):
@@ -525,7 +525,7 @@ def read_list(path):
     if not os.path.exists(path):
         raise DataError(f"{path} not found (ModelNet40's list files are modelnet40_shape_names.txt, "
                         f"modelnet40_train.txt and modelnet40_test.txt)")
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
         raise DataError(f"{path} is empty")
@@ -542,7 +542,7 @@ def read_resampled(folder, list_file, samples, names, points):
         if name not in class_id or not os.path.exists(path):
             raise DataError(f"{list_file} names {sample}, but {path} is not there"
                             + ("" if name in class_id else f" ({name!r} is not in modelnet40_shape_names.txt)"))
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             rows = list(itertools.islice(f, points))
         if len(rows) != points:
             raise DataError(f"{path} has {len(rows)} points, fewer than the {points} asked for")
