@@ -332,7 +332,8 @@ class HierarchicalMNIST(Dataset):
 
     The central 28x28 digit is padded to 32 and scaled to the centre box; the ring is a sixth of the
     canvas wide (32 px at the paper's 192) and holds a second MNIST digit of that size, at a position
-    drawn from (seed, split, index), so item i is the same image every time it is asked for.
+    drawn from (seed, split, index), so item i is the same image every time it is asked for. The test
+    composites come from a fixed seed, not the run's, so a spread over seeds is the models' alone.
     """
 
     def __init__(self, root, split, download=False, image_size=192, seed=0):
@@ -343,7 +344,7 @@ class HierarchicalMNIST(Dataset):
         self.digit_labels = read_idx(find_mnist_file(root, label_file, download)).long()
         self.image_size, self.ring = image_size, max(1, round(image_size / 6))
         self.corners = torch.tensor(ring_positions(image_size, self.ring, image_size - self.ring, self.ring))
-        self.seed = seed + (0 if split == "train" else 1_000_003)
+        self.seed = seed if split == "train" else 1_000_003
         rng = torch.Generator().manual_seed(self.seed)
         self.small_index = torch.randint(len(self.digits), (len(self.digits),), generator=rng)
         self.corner_index = torch.randint(len(self.corners), (len(self.digits),), generator=rng)
@@ -875,15 +876,15 @@ def newsgroups_split(root, split, download):
 RCV1_ROOTS = ("CCAT", "ECAT", "GCAT", "MCAT")
 
 
-def rcv1_split(root, split, download, seed, test_size=20_000):
+def rcv1_split(root, split, download, test_size=20_000):
     """RCV1-v2 (Lewis et al. 2004) through sklearn's fetch_rcv1: the LYRL2004 split (23,149 train
     documents), their log TF-IDF vectors [N, 47236] kept sparse, and 103 topics as multi-hot targets.
 
     Label groups (info.extra["label_groups"], for mlcl.py's group heads): a topic belongs to the root
     topic whose code letter it starts with (C15 -> CCAT, E21 -> ECAT, GDIS -> GCAT, M11 -> MCAT).
     The official test split has 781,265 documents; the loader keeps a random `test_size` of them
-    (drawn from `seed`; None keeps all), because evaluation densifies the test set for the raw floor
-    (20,000 x 47,236 floats = 3.8 GB).
+    (a fixed draw, the same for every run seed; None keeps all), because evaluation densifies the test
+    set for the raw floor (20,000 x 47,236 floats = 3.8 GB).
     """
     import scipy.sparse
     from sklearn.datasets import fetch_rcv1
@@ -900,7 +901,7 @@ def rcv1_split(root, split, download, seed, test_size=20_000):
     inputs = scipy.sparse.csr_matrix(bunch.data, dtype=np.float32)
     targets = torch.from_numpy(np.asarray(bunch.target.toarray(), dtype=np.float32))
     if split == "test" and test_size is not None and test_size < len(targets):
-        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:test_size].sort().values
+        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:test_size].sort().values
         inputs, targets = inputs[keep.numpy()], targets[keep]
     info = text_info("rcv1", ["topics"], [topics], multilabel=True, input="tfidf", input_dim=inputs.shape[1],
                      label_groups=groups)
@@ -1027,7 +1028,7 @@ LOADERS = {
         split, size or (2000 if split == "train" else 800), points or 256),
     "wos": lambda root, split, download, seed, release=None, **_: wos_split(root, split, release or "46985"),
     "20newsgroups": lambda root, split, download, seed, **_: newsgroups_split(root, split, download),
-    "rcv1": lambda root, split, download, seed, test_size=20_000, **_: rcv1_split(root, split, download, seed, test_size),
+    "rcv1": lambda root, split, download, seed, test_size=20_000, **_: rcv1_split(root, split, download, test_size),
     "skdocs": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=False),
     "skdocs-multilabel": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=True),
 }
@@ -1059,28 +1060,38 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
 
 def stratified_indices(targets, fraction, seed):
-    """Indices of a class-stratified `fraction` of the samples (finest level; multi-hot sets as classes)."""
+    """Indices of round(fraction * N) of the N samples (at least one), class-stratified (finest level;
+    multi-hot sets as classes) by largest remainder: a class of n samples keeps floor(fraction * n), and
+    the samples still missing go one each to the classes with the largest remainders (ties drawn from
+    `seed`). Rounding each class on its own would keep far more than asked of data with many small classes."""
     if targets.dtype.is_floating_point:  # label sets numbered in the order of sum_k 2^k over their labels
         keys = torch.unique((targets > 0.5).flip(1).long(), dim=0, return_inverse=True)[1]
     else:
         keys = targets[:, -1]
-    kept = [members[: max(1, round(fraction * len(members)))] for members in shuffled_classes(keys, seed)]
-    return torch.cat(kept).sort().values
+    classes = list(shuffled_classes(keys, seed))
+    quotas = fraction * torch.tensor([len(members) for members in classes], dtype=torch.float64)
+    counts = quotas.floor().long()
+    missing = max(1, round(fraction * len(keys))) - int(counts.sum())
+    shuffled = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))
+    by_remainder = shuffled[(quotas - counts)[shuffled].argsort(descending=True, stable=True)]
+    counts[by_remainder[:missing]] += 1
+    return torch.cat([members[:count] for members, count in zip(classes, counts.tolist())]).sort().values
 
 
-def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0):
+def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0, start=0):
     """One epoch of shuffled training batches (x, y) on `device`; every rank gets an equal shard.
 
     `batch_size` is the global batch: each of the `world_size` ranks gets batch_size // world_size.
+    `start` skips the epoch's first batches (a run resumed mid-epoch); the order stays the same.
     Resident datasets are sliced in place (after `to_device`), lazily composed ones go through a
     DataLoader. Incomplete batches are dropped so that all ranks take the same number of steps.
     """
     order = torch.randperm(len(dataset), generator=generator)
     per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
-    shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
+    shard = order[rank * per_rank + start * batch_size : rank * per_rank + steps * batch_size]
     if isinstance(dataset, ResidentDataset):
         shard = shard.to(dataset.inputs.device)  # one transfer per epoch; batches are sliced on the device
-        for step in range(steps):
+        for step in range(steps - start):
             index = shard[step * batch_size : (step + 1) * batch_size]
             yield dataset.inputs[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
     else:
@@ -1224,9 +1235,10 @@ def augment_points(x, generator, keep=(0.5, 1.0), scale=(2 / 3, 3 / 2), shift=0.
     return x + noise.clamp(-clip, clip)
 
 
-def augment(x, info, generator):
+def augment(x, info, generator, colour=True):
     """One augmented, normalised view of a batch (uint8 images [B, C, H, W] or points [B, P, 3]); every
-    sample draws its own parameters."""
+    sample draws its own parameters. colour=False leaves out the colour jitter and grayscale: the views
+    SupContrast's main_linear.py trains its linear probe on (random crop and flip only)."""
     if info.modality == "points":
         scale = (1.0, 1.0) if info.augment == "points-isotropic" else (2 / 3, 3 / 2)
         return augment_points(x.float(), generator, scale=scale)
@@ -1239,7 +1251,7 @@ def augment(x, info, generator):
         x = shift_and_scale(x, generator)
     else:
         x = crop_and_flip(x, generator)
-        if info.channels == 3:
+        if info.channels == 3 and colour:
             x = colour_jitter(x, generator)
     return standardize(x, info)
 
@@ -1249,18 +1261,22 @@ def two_views(x, info, generator):
     return torch.stack([augment(x, info, generator), augment(x, info, generator)])
 
 
-def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0):
-    """One epoch of (views [2, B, ...], targets) on `device`.
+def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0, start=0):
+    """One epoch of (views [2, B, ...], targets) on `device`, from batch `start` on.
 
     aug "gpu": batches sliced from the (resident) dataset, both views made on the training device by
-    `two_views` with per-sample parameters drawn from `augment`. aug "torchvision": the reference pipeline,
-    PIL transforms one image at a time in `workers` DataLoader processes (images only; compare speeds).
+    `two_views` with per-sample parameters drawn from `augment`, reseeded at every step with a seed it drew
+    first: the views of step k do not depend on the steps before it, so an epoch resumed at `start` makes
+    the views an uninterrupted one makes. aug "torchvision": the reference pipeline, PIL transforms one
+    image at a time in `workers` DataLoader processes (images only; compare speeds).
     """
     if aug == "gpu":
-        for x, y in batches(dataset, batch_size, order, device, rank, world_size, workers):
-            yield two_views(x, info, augment), y
+        steps = steps_per_epoch(dataset, batch_size, world_size)
+        seeds = torch.randint(2**62, (steps,), generator=augment, device=augment.device).tolist()
+        for seed, (x, y) in zip(seeds[start:], batches(dataset, batch_size, order, device, rank, world_size, workers, start)):
+            yield two_views(x, info, augment.manual_seed(seed)), y
     elif aug == "torchvision":
-        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers):
+        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers, start):
             yield views.transpose(0, 1), y
     else:
         raise ValueError(f"aug must be 'gpu' or 'torchvision', got {aug!r}")

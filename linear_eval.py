@@ -10,7 +10,9 @@ Protocols
   softmax regression fitted by full-batch L-BFGS. With --val-fraction > 0 the L2 strength is chosen on a
   validation split cut from the training set, then refitted on all of it.
 - supcon: the reference's protocol for published numbers: the linear layer is trained for 100 epochs
-  on augmented images (SGD, momentum 0.9, lr x0.2 at epochs 60, 75 and 90).
+  on augmented images (SGD, momentum 0.9, lr x0.2 at epochs 60, 75 and 90), with the views of the
+  reference's main_linear.py: random crop and flip, no colour jitter or grayscale (composite canvases:
+  their small shift and scale).
 
 Run on a checkpoint written by any method file:
     python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt
@@ -173,7 +175,7 @@ def supcon_protocol(encoder, train_set, test_set, device, epochs=100, lr=0.1, ba
         order = torch.Generator().manual_seed(seed + epoch)
         for x, y in data.batches(train_set, batch_size, order, device):
             with torch.no_grad():
-                features = encoder(data.augment(x, info, generator)).float()
+                features = encoder(data.augment(x, info, generator, colour=False)).float()
             loss = sum(level_loss(head(features), y, level, info) for level, head in enumerate(heads))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,7 +290,8 @@ def main(argv=None):
     model.load_state_dict(state["model"])
     results = evaluate(model.encoder.to(device), train_set, test_set, device, args.protocol, args.val_fraction,
                        config.seed, args.linear_epochs, classifier=getattr(model.to(device), "classifier", None))
-    results = {"method": state["method"], "dataset": config.dataset, **results}
+    results = {"method": state["method"], "dataset": config.dataset, "fraction": config.fraction,
+               "train_samples": len(train_set), **results}
     report(results, os.path.dirname(os.path.abspath(args.checkpoint)))
     return results
 

@@ -45,7 +45,8 @@ METHOD = "supcon"
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode="all", base_temperature=None):
+def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode="all", base_temperature=None,
+                check_finite=True):
     """Supervised contrastive loss, Eq. 2 of Khosla et al. (L^sup_out).
 
         l_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{a in A(i)} exp(z_i.z_a/t) )
@@ -63,6 +64,8 @@ def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode
             are still contrasted against).
         base_temperature: t_base; None means no rescaling. The reference code uses 0.07, which only
             multiplies the loss, and so the gradient, by t / 0.07.
+        check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
+            host sync, so the training step turns it off and checks the loss every ten steps instead.
 
     Returns a scalar. Logits are float32 (float64 inputs stay float64); anchors without any positive
     are left out of the mean, and if none has one the result is a zero still attached to the graph.
@@ -82,7 +85,7 @@ def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode
         raise ValueError(f"mask must be [B, B] = [{batch}, {batch}], got shape {tuple(mask.shape)}")
     if contrast_mode not in ("all", "one"):
         raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
-    if not torch.isfinite(features).all():
+    if check_finite and not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf")
     if features.dtype != torch.float64:
         features = features.float()
@@ -256,7 +259,7 @@ def method_loss(model, views, targets, args, info):
     z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
     z, targets = gather_across_ranks(z), gather_across_ranks(targets)
     return supcon_loss(z, mask=positive_mask(targets), temperature=args.temperature,
-                       base_temperature=args.base_temperature)
+                       base_temperature=args.base_temperature, check_finite=False)
 
 
 def build_model(args, info):
@@ -380,6 +383,16 @@ def load_checkpoint(path, args):
     return state
 
 
+def keep_metrics_until(path, epoch):
+    """Drop the metrics lines of epochs after `epoch`: a run killed after its last checkpoint logged them,
+    and the resumed run takes those epochs again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] <= epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
 def setup_distributed(args):
     """(rank, world_size, device); under torchrun a process group with nccl on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -433,71 +446,81 @@ def train(args):
     total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
-    start_epoch = 0
+    start_epoch, start_step, start_losses = 0, 0, []
     if resumed:
         core.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        start_epoch = resumed["epoch"]
+        start_epoch, start_step = resumed["epoch"], resumed["step"]
+        start_losses = [loss.to(device) for loss in resumed["losses"]]
         random.setstate(resumed["rng"]["python"])
         np.random.set_state(resumed["rng"]["numpy"])
         torch.set_rng_state(resumed["rng"]["torch"])
 
-    def checkpoint(epoch):
+    def checkpoint(epoch, step=0, losses=()):
+        """After `epoch` epochs and `step` steps of the next one, whose losses so far are kept for its mean."""
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
+                "step": step, "losses": [loss.cpu() for loss in losses[:step]],
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
 
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
+        if resumed:
+            keep_metrics_until(metrics_path, start_epoch)
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples): {args.arch}, {args.epochs} epochs "
-              f"x {steps} steps of {args.batch_size}, device {device}, world {world_size} -> {args.out}")
+            json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
+        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): "
+              f"{args.arch}, {args.epochs} epochs x {steps} steps of {args.batch_size}, device {device}, "
+              f"world {world_size} -> {args.out}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    progress = tqdm(total=total_steps, initial=start_epoch * steps, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
-    epoch = start_epoch
+    progress = tqdm(total=total_steps, initial=start_epoch * steps + start_step, disable=rank != 0, desc=METHOD,
+                    dynamic_ncols=True)
+    # (epoch, steps of it taken, their losses): what a Ctrl-C saves, so that --resume takes the remaining steps
+    position = (start_epoch, start_step, start_losses)
     try:
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
+            _, skip, losses = position  # skip > 0 in the epoch an interrupted run stopped in
+            # Data order and augmentation depend only on (seed, epoch, rank, step): a resumed run replays them.
             order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
             augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
-            losses, started = [], time.perf_counter()
+            started = time.perf_counter()
             epoch_views = data.training_views(resident, info, args.aug, args.batch_size, order, augment, device,
-                                              rank, world_size, args.workers)
-            for step, (views, y) in enumerate(epoch_views):
+                                              rank, world_size, args.workers, start=skip)
+            for step, (views, y) in enumerate(epoch_views, start=skip):
                 with autocast:
-                    try:
-                        loss = method_loss(step_model, views, y, args, info)
-                    except ValueError as error:  # e.g. NaN features: the run has diverged
-                        raise SystemExit(f"epoch {epoch + 1}, step {step + 1}/{steps}: {error}; stopping "
-                                         f"(last good checkpoint, if any: {checkpoint_path})") from error
+                    loss = method_loss(step_model, views, y, args, info)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.detach())
+                position = (epoch, step + 1, losses)
                 progress.update()
                 if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
                     check_finite(losses, epoch, steps, checkpoint_path)
-                    rate = (step + 1) * args.batch_size * 2 / (time.perf_counter() - started)
+                    rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
             epoch_loss = torch.stack(losses).mean().item()
             seconds = time.perf_counter() - started
             if rank == 0:
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                with open(metrics_path, "a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0],
-                                        "seconds": seconds, "views_per_s": steps * args.batch_size * 2 / seconds}) + "\n")
+                                        "seconds": seconds,
+                                        "views_per_s": (steps - skip) * args.batch_size * 2 / seconds}) + "\n")
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 checkpoint(epoch + 1)
+            position = (epoch + 1, 0, [])
     except KeyboardInterrupt:
-        checkpoint(epoch)
-        raise SystemExit(f"\ninterrupted in epoch {epoch + 1}; saved {checkpoint_path} "
-                         f"(--resume restarts epoch {epoch + 1} from these weights)")
+        epoch, step, losses = position
+        checkpoint(epoch, step, losses)
+        raise SystemExit(f"\ninterrupted after step {step}/{steps} of epoch {epoch + 1}; saved {checkpoint_path} "
+                         f"(--resume continues from there)")
     finally:
         progress.close()
 
@@ -506,7 +529,8 @@ def train(args):
         test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
         results = linear_eval.evaluate(core.encoder, train_set, test_set, device,
                                        classifier=getattr(core, "classifier", None))
-        results = {"method": METHOD, "dataset": args.dataset, **results}
+        results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
+                   "train_samples": len(train_set), **results}
         linear_eval.report(results, args.out)
     if world_size > 1:
         dist.barrier()

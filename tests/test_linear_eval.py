@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, f1_score
 
+import data
 import linear_eval
 
 
@@ -134,3 +135,23 @@ def test_linear_probe_multilabel():
     result = linear_eval.linear_probe(train_x, train_y, test_x, test_y, 4, multilabel=True)
     assert set(result) == {"micro_f1", "macro_f1", "map"}
     assert result["micro_f1"] > 0.9 and result["map"] > 0.9, result
+
+
+def no_colour(*args, **kwargs):
+    raise AssertionError("colour jitter or grayscale in the linear evaluation's views")
+
+
+def test_supcon_protocol_views_are_crop_and_flip_only(monkeypatch):
+    """--protocol supcon trains its probe on the reference's linear-eval views (main_linear.py: random crop
+    and flip), never on the training augmentation's colour jitter and grayscale, here on colour images."""
+    info = data.DatasetInfo("colour", "image", ["class"], [2], False, [["a", "b"]], channels=3, image_size=8,
+                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = data.ImageTensorDataset(images, torch.arange(16)[:, None] % 2, info)
+    monkeypatch.setattr(data, "colour_jitter", no_colour)
+    monkeypatch.setattr(data, "grayscale", no_colour)
+    with pytest.raises(AssertionError, match="colour jitter"):  # the training views would call it
+        data.augment(images, info, torch.Generator().manual_seed(0))
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    scores = linear_eval.supcon_protocol(encoder, dataset, dataset, torch.device("cpu"), epochs=2, batch_size=8)
+    assert 0.0 <= scores[0]["top1"] <= 1.0

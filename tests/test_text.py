@@ -354,6 +354,14 @@ def test_rcv1_from_the_sklearn_files(tmp_path):
         mlcl.build_encoder("fasttext", info)
 
 
+def test_rcv1_test_subset_does_not_follow_the_run_seed(tmp_path):
+    """The test documents kept are a fixed draw: runs with different --seed are scored on the same ones."""
+    write_rcv1(str(tmp_path))
+    a = data.load("rcv1", str(tmp_path), "test", seed=0, test_size=10)
+    b = data.load("rcv1", str(tmp_path), "test", seed=7, test_size=10)
+    assert (a.matrix != b.matrix).nnz == 0 and torch.equal(a.targets, b.targets)
+
+
 # --------------------------------------------------------------------------------------------------
 # skdocs: scikit-learn's own docstrings
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """End-to-end tests of the training loop shared by the method files: runs, resume, checkpoints, DDP."""
 
+import importlib
 import json
 import os
 import shutil
@@ -12,6 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
+import hmlc_attention
+import hmlc_gmm
+import mlcl
 import supcon
 from conftest import METHOD_FILES
 
@@ -95,6 +99,91 @@ def test_resume_reproduces_uninterrupted_training(tmp_path, monkeypatch):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def fail_at_step(monkeypatch, module, step, error):
+    """Make the run's `step`-th training step (1-based, counted over the whole run) raise `error` in its
+    forward pass: KeyboardInterrupt is a Ctrl-C, any other error a run killed outright (no checkpoint)."""
+    real_loss, calls = module.method_loss, []
+
+    def method_loss(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise error
+        return real_loss(*args)
+
+    monkeypatch.setattr(module, "method_loss", method_loss)
+
+
+def record_learning_rates(monkeypatch):
+    """The learning rate of every optimizer step, in order."""
+    rates, real_step = [], torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    return rates
+
+
+def metrics(out):
+    """metrics.jsonl without the wall-clock fields."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(line["epoch"], line["loss"], line["lr"]) for line in lines]
+
+
+def assert_same_weights(a, b):
+    a, b = torch.load(a / "checkpoint.pt", weights_only=False), torch.load(b / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_resume_mid_epoch_takes_the_uninterrupted_steps(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of epoch 2 (3 steps an epoch), then --resume: the run takes the same 9 optimizer
+    steps at the same learning rates as an uninterrupted one, ends with bitwise the same weights on CPU, and
+    logs every epoch once with the same loss and lr."""
+    flags = [*TINY, "--epochs", "3"]
+    rates = record_learning_rates(monkeypatch)
+    straight = tmp_path / "straight"
+    supcon.train(supcon.parse_args([*flags, "--out", str(straight)]))
+    straight_rates = rates.copy()
+    rates.clear()
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        fail_at_step(patch, supcon, 5, KeyboardInterrupt)
+        with pytest.raises(SystemExit, match="interrupted after step 1/3 of epoch 2"):
+            supcon.train(supcon.parse_args([*flags, "--out", str(interrupted)]))
+    state = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], len(state["losses"])) == (1, 1, 1)
+    supcon.train(supcon.parse_args([*flags, "--out", str(interrupted), "--resume", str(interrupted / "checkpoint.pt")]))
+
+    assert len(straight_rates) == 9 and rates == straight_rates
+    assert_same_weights(straight, interrupted)
+    assert metrics(interrupted) == metrics(straight)
+
+
+def test_killed_run_resumed_logs_every_epoch_once(tmp_path, monkeypatch):
+    """A run killed in epoch 4 (no Ctrl-C checkpoint), whose last checkpoint is from epoch 2 (--save-every 2)
+    but which had logged epoch 3 too, resumed from that checkpoint: metrics.jsonl holds epochs 1-4 once each,
+    equal to an uninterrupted run's, and so are the weights."""
+    flags = [*TINY, "--epochs", "4", "--save-every", "2"]
+    straight = tmp_path / "straight"
+    supcon.train(supcon.parse_args([*flags, "--out", str(straight)]))
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        fail_at_step(patch, supcon, 10, RuntimeError("killed"))
+        with pytest.raises(RuntimeError, match="killed"):
+            supcon.train(supcon.parse_args([*flags, "--out", str(killed)]))
+    assert [epoch for epoch, _, _ in metrics(killed)] == [1, 2, 3]
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    supcon.train(supcon.parse_args([*flags, "--out", str(killed), "--resume", str(killed / "checkpoint.pt")]))
+
+    assert metrics(killed) == metrics(straight)
+    assert_same_weights(straight, killed)
+
+
 def test_reference_pipeline_trains(tmp_path):
     """--aug torchvision (PIL transforms in a DataLoader worker) runs the same loop and writes a checkpoint;
     non-image data is refused with a message."""
@@ -145,15 +234,48 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
 
-def test_diverged_features_stop_the_run(tmp_path, monkeypatch):
-    """NaN features (the loss's ValueError) stop training with a message naming the step, no traceback."""
-    def diverged(features, **kwargs):
-        raise ValueError("features contain NaN or Inf")
+class NaNs(torch.nn.Module):
+    def forward(self, x):
+        return x * float("nan")
 
-    monkeypatch.setattr(supcon, "supcon_loss", diverged)
-    with pytest.raises(SystemExit, match=r"epoch 1, step 1/\d+: features contain NaN"):
-        supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(tmp_path / "nan")]))
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_diverged_features_stop_the_run(name, tmp_path, monkeypatch):
+    """NaN features stop training with a message naming the step, no traceback: the training step skips the
+    loss's own per-step check (a host sync), NaN features make the loss NaN, and the loop's check on the
+    loss every ten steps stops the run."""
+    module = importlib.import_module(name)
+    real_encoder = module.build_encoder
+
+    def diverged_encoder(arch, info):
+        encoder, feature_dim = real_encoder(arch, info)
+        return torch.nn.Sequential(encoder, NaNs()), feature_dim
+
+    monkeypatch.setattr(module, "build_encoder", diverged_encoder)
+    with pytest.raises(SystemExit, match=r"non-finite loss nan at epoch 1, step 1/\d+"):
+        module.train(module.parse_args([*TINY, "--epochs", "1", "--out", str(tmp_path / "nan")]))
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+def method_losses():
+    """Each method file's loss as f(features [B, V, D], labels [B, 2], **keywords)."""
+    return {"supcon": lambda f, y, **k: supcon.supcon_loss(f, y[:, -1], **k),
+            "mlcl": lambda f, y, **k: mlcl.mlcl_loss(f[None], mlcl.hierarchical_masks(y)[-1:], [0.1], **k),
+            "hmlc_gmm": lambda f, y, **k: hmlc_gmm.hmlc_loss(f, y, **k),
+            "hmlc_attention": lambda f, y, **k: hmlc_attention.hmlc_loss(f, y, **k)}
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_losses_called_directly_reject_nan_features(name):
+    """Called directly, every loss raises a clear error on NaN features; with check_finite=False (the
+    training step) it returns NaN instead, which the loop's check on the loss catches."""
+    features = torch.nn.functional.normalize(torch.randn(6, 2, 8), dim=-1)
+    features[2, 1, 3] = float("nan")
+    labels = torch.tensor([[0, 0], [0, 1], [1, 2], [1, 2], [0, 0], [1, 3]])
+    loss = method_losses()[name]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss(features, labels)
+    assert loss(features, labels, check_finite=False).isnan()
 
 
 @pytest.mark.parametrize("flag, value", [("--fraction", "0"), ("--fraction", "1.5"), ("--epochs", "0"),
