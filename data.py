@@ -1040,8 +1040,8 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
     `download` fetches a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups,
     rcv1) into `root`, off by default here (the scripts turn it on; `--no-download` turns it off).
-    Problems with the files raise DataError. `fraction` keeps a class-stratified fraction of the training
-    split, drawn from `seed` (the same subset for every method). Options: `size` (hdigits composites;
+    Problems with the files raise DataError. `fraction` keeps round(fraction * N) of the N training
+    samples, class-stratified (`stratified_indices`), drawn from `seed` (the same subset for every method). Options: `size` (hdigits composites;
     5000 train / 1000 test by default), `image_size` (hmnist canvas, 192 as in the paper), `size` and
     `points` (shapes: 2000 train / 800 test clouds of 256 points), `points` and `groups` (modelnet40:
     1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000 of the 781,265 test documents; None keeps all),
