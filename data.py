@@ -1078,20 +1078,19 @@ def stratified_indices(targets, fraction, seed):
     return torch.cat([members[:count] for members, count in zip(classes, counts.tolist())]).sort().values
 
 
-def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0, start=0):
+def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0):
     """One epoch of shuffled training batches (x, y) on `device`; every rank gets an equal shard.
 
     `batch_size` is the global batch: each of the `world_size` ranks gets batch_size // world_size.
-    `start` skips the epoch's first batches (a run resumed mid-epoch); the order stays the same.
     Resident datasets are sliced in place (after `to_device`), lazily composed ones go through a
     DataLoader. Incomplete batches are dropped so that all ranks take the same number of steps.
     """
     order = torch.randperm(len(dataset), generator=generator)
     per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
-    shard = order[rank * per_rank + start * batch_size : rank * per_rank + steps * batch_size]
+    shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
     if isinstance(dataset, ResidentDataset):
         shard = shard.to(dataset.inputs.device)  # one transfer per epoch; batches are sliced on the device
-        for step in range(steps - start):
+        for step in range(steps):
             index = shard[step * batch_size : (step + 1) * batch_size]
             yield dataset.inputs[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
     else:
@@ -1261,22 +1260,18 @@ def two_views(x, info, generator):
     return torch.stack([augment(x, info, generator), augment(x, info, generator)])
 
 
-def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0, start=0):
-    """One epoch of (views [2, B, ...], targets) on `device`, from batch `start` on.
+def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0):
+    """One epoch of (views [2, B, ...], targets) on `device`.
 
     aug "gpu": batches sliced from the (resident) dataset, both views made on the training device by
-    `two_views` with per-sample parameters drawn from `augment`, reseeded at every step with a seed it drew
-    first: the views of step k do not depend on the steps before it, so an epoch resumed at `start` makes
-    the views an uninterrupted one makes. aug "torchvision": the reference pipeline, PIL transforms one
-    image at a time in `workers` DataLoader processes (images only; compare speeds).
+    `two_views` with per-sample parameters drawn from `augment`. aug "torchvision": the reference pipeline,
+    PIL transforms one image at a time in `workers` DataLoader processes (images only; compare speeds).
     """
     if aug == "gpu":
-        steps = steps_per_epoch(dataset, batch_size, world_size)
-        seeds = torch.randint(2**62, (steps,), generator=augment, device=augment.device).tolist()
-        for seed, (x, y) in zip(seeds[start:], batches(dataset, batch_size, order, device, rank, world_size, workers, start)):
-            yield two_views(x, info, augment.manual_seed(seed)), y
+        for x, y in batches(dataset, batch_size, order, device, rank, world_size, workers):
+            yield two_views(x, info, augment), y
     elif aug == "torchvision":
-        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers, start):
+        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers):
             yield views.transpose(0, 1), y
     else:
         raise ValueError(f"aug must be 'gpu' or 'torchvision', got {aug!r}")

@@ -594,13 +594,15 @@ def train(args):
         for epoch in range(start_epoch, args.epochs):
             model.train()
             _, skip, losses = position  # skip > 0 in the epoch an interrupted run stopped in
-            # Data order and augmentation depend only on (seed, epoch, rank, step): a resumed run replays them.
+            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
             order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
             augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
             started = time.perf_counter()
             epoch_views = data.training_views(resident, info, args.aug, args.batch_size, order, augment, device,
-                                              rank, world_size, args.workers, start=skip)
-            for step, (views, y) in enumerate(epoch_views, start=skip):
+                                              rank, world_size, args.workers)
+            for step, (views, y) in enumerate(epoch_views):
+                if step < skip:  # taken before the interrupt; its views are still drawn, so that later ones match
+                    continue
                 with autocast:
                     loss = method_loss(step_model, views, y, args, info)
                 optimizer.zero_grad(set_to_none=True)
