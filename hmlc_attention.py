@@ -261,43 +261,85 @@ class LevelAttention(nn.Module):
 
 
 class AHMLCModel(nn.Module):
-    """Encoder f, projection head E and the level gates: returns z_l = normalize(E(f(x)) * M_l(f(x)))."""
+    """Encoder f, projection head E and the level gates of the chosen reading.
 
-    def __init__(self, arch, info):
+    forward(x) -> (level features [L, N, D], shared features [N, D] or None), all normalised. Default:
+    z_l = normalize(E(f(x)) * M_l(f(x))). --gate-input projection computes M_l from E(f(x)); --gate
+    residual multiplies by 1 + M_l; --mask-on encoder gives z_l = normalize(E(f(x) * M_l(f(x)))).
+    """
+
+    def __init__(self, arch, info, args):
         super().__init__()
         self.encoder, feature_dim = build_encoder(arch, info)
         self.head = projection_head(feature_dim)
-        self.attention = LevelAttention(feature_dim, self.head[-1].out_features, len(info.level_names))
+        self.args = args
+        projection_dim = self.head[-1].out_features
+        gate_in = feature_dim if args.gate_input == "encoder" else projection_dim
+        gate_out = feature_dim if args.mask_on == "encoder" else projection_dim
+        self.attention = LevelAttention(gate_in, gate_out, len(info.level_names))
+
+    def gates(self, features):
+        masks = self.attention(features)
+        return 1 + masks if self.args.gate == "residual" else masks
 
     def forward(self, x):
-        h = self.encoder(x)
-        return F.normalize(self.head(h)[None] * self.attention(h), dim=-1)  # [L, N, D]
+        return self.embed(self.encoder(x))
+
+    def embed(self, h, labels=None):
+        """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
+        if self.args.mask_on == "encoder":
+            levels = F.normalize(self.head(h[None] * self.gates(h)), dim=-1)
+            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
+            return levels, shared
+        e = self.head(h)
+        masks = self.gates(h if self.args.gate_input == "encoder" else e)
+        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
+        return F.normalize(e[None] * masks, dim=-1), shared
 
 
 def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> HMCE on the global batch with per-level attention-masked features."""
+    """views [V, B, ...] -> HMCE on the global batch over the per-level attention-masked features (+ the
+    shared embedding's HMCE with --shared-term)."""
     num_views, batch = views.shape[:2]
-    z = model(views.flatten(0, 1))
-    z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, L, V, D]
-    z = gather_across_ranks(z).transpose(0, 1)  # [L, B_global, V, D]
-    return hmlc_loss(z, gather_across_ranks(targets), args.temperature, args.loss_type, check_finite=False)
+    levels, shared = model(views.flatten(0, 1))  # [L, V*B, D], [V*B, D] or None
+
+    def per_sample(z):  # [K, V*B, D] -> [K, B_global, V, D]
+        z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, K, V, D]
+        return gather_across_ranks(z).transpose(0, 1)
+
+    targets = gather_across_ranks(targets)
+    loss = hmlc_loss(per_sample(levels), targets, args.temperature, args.loss_type, check_finite=False)
+    if shared is not None:
+        loss = loss + hmlc_loss(per_sample(shared[None]), targets, args.temperature, args.loss_type,
+                                check_finite=False)
+    return loss
 
 
 def build_model(args, info):
     if info.multilabel:
         raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
-    return AHMLCModel(args.arch, info)
+    return AHMLCModel(args.arch, info, args)
 
 
 def add_method_arguments(p):
     p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau (all levels)")
     p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
                    help="level weights 2^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
+    p.add_argument("--gate-input", choices=("encoder", "projection"), default="encoder",
+                   help="the gates see the encoder feature f(x) or the projection output E(f(x))")
+    p.add_argument("--gate", choices=("plain", "residual"), default="plain",
+                   help="plain: e * M_l; residual: e * (1 + M_l), so a closed gate keeps the feature")
+    p.add_argument("--mask-on", choices=("projection", "encoder"), default="projection",
+                   help="multiply the gates into the projection output, or into f(x) before one shared head")
+    p.add_argument("--shared-term", action="store_true",
+                   help="add HMCE on the unmasked embedding to the masked levels' HMCE (instead of replacing it)")
 
 
 def check_method_arguments(p, args):
     if args.temperature <= 0:
         p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.mask_on == "encoder" and args.gate_input == "projection":
+        p.error("--mask-on encoder needs --gate-input encoder: the gates act before the projection exists")
 
 
 # --------------------------------------------------------------------------------------------------

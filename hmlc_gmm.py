@@ -292,36 +292,95 @@ def gmm_masks(embeddings, levels, iters=10):
     return torch.where(empty, torch.ones_like(masks), masks)
 
 
-class GHMLCModel(nn.Module):
-    """Encoder f and projection head E: e = E(f(x)), left unnormalised so that it can be masked."""
+def label_variance_scores(features, labels):
+    """How coarse the label information of each dimension is: [N, D] features, [N, L] labels -> [D].
 
-    def __init__(self, arch, info):
+    For level l, eta2_l[d] = (variance of the level-l class means of dimension d) / (variance of d),
+    the share of d's variance that level l's labels explain. Finer labels refine coarser ones, so
+    eta2 grows from coarse to fine; the score is mean_l eta2_l / eta2_finest in [0, 1]: near 1 when the
+    coarse labels already explain what the fine ones do, lower when d separates the fine classes only.
+    """
+    x = features.float()
+    centred = x - x.mean(0)
+    total = centred.pow(2).mean(0) + 1e-12
+    explained = []
+    for level_ids in labels.T:  # a loop over the L levels; samples are vectorised
+        ids = torch.unique(level_ids, return_inverse=True)[1]
+        sums = torch.zeros(int(ids.max()) + 1, x.shape[1], device=x.device).index_add_(0, ids, centred)
+        counts = torch.bincount(ids).clamp(min=1)[:, None]
+        explained.append((sums / counts)[ids].pow(2).mean(0) / total)
+    explained = torch.stack(explained)  # [L, D], coarse -> fine
+    return (explained / explained[-1].clamp(min=1e-12)).clamp(max=1).mean(0)
+
+
+class GHMLCModel(nn.Module):
+    """Encoder f, projection head E and the hard per-level masks of the chosen reading.
+
+    forward(x, labels) -> (level features [L, N, D], shared features [N, D] or None), all normalised:
+    z_l = normalize(E(f(x)) * M_l) (masks on the projection), or normalize(E(f(x) * M_l)) (masks on
+    the encoder feature, one shared head). `--mask none` gives [1, N, D], the plain HMCE embedding.
+    """
+
+    def __init__(self, arch, info, args):
         super().__init__()
         self.encoder, feature_dim = build_encoder(arch, info)
         self.head = projection_head(feature_dim)
+        self.levels, self.args = len(info.level_names), args
+        masked_dim = feature_dim if args.mask_on == "encoder" else self.head[-1].out_features
+        # --gmm-over dims: the running label-variance score of every masked dimension (NaN until the first batch)
+        self.register_buffer("dimension_scores", torch.full((masked_dim,), float("nan")))
 
-    def forward(self, x):
-        return self.head(self.encoder(x))
+    def level_masks(self, features, labels):
+        """[L, N, D] (per sample) or [L, 1, D] (per batch) 0/1 masks from detached features [N, D]."""
+        if self.args.gmm_over == "sample":
+            return gmm_masks(features, self.levels, self.args.gmm_iters)
+        if self.training:
+            scores = label_variance_scores(features, labels)
+            previous = self.dimension_scores
+            momentum = self.args.dims_momentum
+            self.dimension_scores.copy_(torch.where(previous.isnan(), scores, momentum * previous + (1 - momentum) * scores))
+        return gmm_masks(self.dimension_scores[None], self.levels, self.args.gmm_iters)
+
+    def forward(self, x, labels=None):
+        return self.embed(self.encoder(x), labels)
+
+    def embed(self, h, labels):
+        """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
+        if self.args.mask == "none":
+            return F.normalize(self.head(h), dim=-1)[None], None
+        if self.args.mask_on == "encoder":
+            masks = self.level_masks(h.detach(), labels)
+            levels = F.normalize(self.head(h[None] * masks.to(h.dtype)), dim=-1)
+            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
+            return levels, shared
+        e = self.head(h)
+        masks = self.level_masks(e.detach(), labels)
+        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
+        return F.normalize(e[None] * masks.to(e.dtype), dim=-1), shared
 
 
 def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> HMCE on the global batch with per-level GMM-masked features."""
+    """views [V, B, ...] -> HMCE on the global batch over the per-level masked features (+ the shared
+    embedding's HMCE with --shared-term)."""
     num_views, batch = views.shape[:2]
-    e = model(views.flatten(0, 1)).float()  # [V*B, D]
-    if args.mask == "gmm":
-        levels = targets.shape[1]
-        z = F.normalize(e[None] * gmm_masks(e.detach(), levels, args.gmm_iters), dim=-1)  # [L, V*B, D]
-        z = z.view(levels, num_views, batch, -1).permute(2, 0, 1, 3)  # [B, L, V, D]
-        z = gather_across_ranks(z).transpose(0, 1)  # [L, B_global, V, D]
-    else:
-        z = gather_across_ranks(F.normalize(e, dim=-1).view(num_views, batch, -1).transpose(0, 1))
-    return hmlc_loss(z, gather_across_ranks(targets), args.temperature, args.loss_type, check_finite=False)
+    levels, shared = model(views.flatten(0, 1), targets.repeat(num_views, 1))  # [L or 1, V*B, D], [V*B, D]
+
+    def per_sample(z):  # [K, V*B, D] -> [K, B_global, V, D]
+        z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, K, V, D]
+        return gather_across_ranks(z).transpose(0, 1)
+
+    targets = gather_across_ranks(targets)
+    loss = hmlc_loss(per_sample(levels.float()), targets, args.temperature, args.loss_type, check_finite=False)
+    if shared is not None:
+        loss = loss + hmlc_loss(per_sample(shared[None].float()), targets, args.temperature, args.loss_type,
+                                check_finite=False)
+    return loss
 
 
 def build_model(args, info):
     if info.multilabel:
         raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
-    return GHMLCModel(args.arch, info)
+    return GHMLCModel(args.arch, info, args)
 
 
 def add_method_arguments(p):
@@ -329,7 +388,17 @@ def add_method_arguments(p):
     p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
                    help="level weights 2^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
     p.add_argument("--mask", choices=("gmm", "none"), default="gmm", help="none: the plain HMLC baseline")
-    p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the per-sample GMM")
+    p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the GMM")
+    p.add_argument("--gmm-over", choices=("sample", "dims"), default="sample",
+                   help="sample: a GMM over each embedding's own entries, masks per image; dims: one GMM over "
+                        "the dimensions, each scored by how coarse its label information is, masks per batch")
+    p.add_argument("--dims-momentum", type=float, default=0.9,
+                   help="--gmm-over dims: running average of the dimension scores over batches")
+    p.add_argument("--mask-on", choices=("projection", "encoder"), default="projection",
+                   help="multiply the masks into the projection output e, or into the encoder feature f(x) "
+                        "before one shared projection head")
+    p.add_argument("--shared-term", action="store_true",
+                   help="add HMCE on the unmasked embedding to the masked levels' HMCE (instead of replacing it)")
 
 
 def check_method_arguments(p, args):
@@ -337,6 +406,8 @@ def check_method_arguments(p, args):
         p.error(f"--temperature must be positive, got {args.temperature}")
     if args.gmm_iters < 1:
         p.error(f"--gmm-iters must be at least 1, got {args.gmm_iters}")
+    if not 0.0 <= args.dims_momentum < 1.0:
+        p.error(f"--dims-momentum must lie in [0, 1), got {args.dims_momentum}")
 
 
 # --------------------------------------------------------------------------------------------------
