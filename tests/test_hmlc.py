@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import hmlc_attention
 import hmlc_gmm
 import supcon
@@ -186,3 +187,88 @@ def test_hmlc_scripts_refuse_multilabel_data(tmp_path):
     result = subprocess.run([sys.executable, "hmlc_attention.py", "--dataset", "hdigits-multilabel", "--epochs", "1",
                              "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "multi-label" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The readings of the feature masks (bench/feature_masks.py measures them)
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_model(module, flags):
+    info = data.load("hdigits", split="test", size=8).info
+    torch.manual_seed(0)
+    return module.build_model(module.parse_args(["--arch", "cnn", *flags]), info).eval(), info
+
+
+def test_all_ones_masks_and_constant_gates_give_exactly_hmce():
+    """A mask of ones turns G-HMLC into HMCE (loss and encoder gradient), and so do A-HMLC gates frozen at
+    a constant (normalisation removes the scale)."""
+    h = torch.randn(12, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.tensor([[0, 0], [0, 1], [0, 1], [1, 10], [1, 10], [1, 11]])
+    for module, flags in ((hmlc_gmm, []), (hmlc_attention, [])):
+        model, _ = masked_model(module, flags)
+        model = model.double()
+        if module is hmlc_gmm:
+            model.level_masks = lambda features, labels: torch.ones(2, *features.shape, dtype=features.dtype)
+        else:
+            with torch.no_grad():
+                model.attention.w2.zero_()
+                model.attention.b2.fill_(3.0)
+        results = []
+        for masked in (True, False):
+            leaf = h.clone().requires_grad_()
+            if masked:
+                z = model.embed(leaf, labels.repeat(2, 1))[0]
+            else:
+                z = torch.nn.functional.normalize(model.head(leaf), dim=-1)[None]
+            z = z.view(len(z), 2, 6, -1).permute(0, 2, 1, 3)
+            loss = module.hmlc_loss(z, labels)
+            loss.backward()
+            results.append((loss.detach(), leaf.grad))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-12), module.METHOD
+        assert torch.allclose(results[0][1], results[1][1], atol=1e-12), module.METHOD
+
+
+def test_gmm_over_dims_gives_one_partition_per_batch():
+    """--gmm-over dims: one [L, 1, D] partition of the dimensions, shared by every sample; dimensions that
+    only the fine labels explain land in the fine mask."""
+    model, _ = masked_model(hmlc_gmm, ["--gmm-over", "dims"])
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    coarse = torch.arange(64) % 4
+    fine = coarse * 10 + torch.arange(64) // 4 % 4
+    features = torch.randn(64, 128, generator=generator) * 0.1
+    features[:, :64] += coarse[:, None].float()  # coarse information in the first half
+    features[:, 64:] += (fine % 10)[:, None].float()  # fine-only information in the second half
+    masks = model.level_masks(features, torch.stack([coarse, fine], 1))
+    assert masks.shape == (2, 1, 128)
+    assert torch.equal(masks.sum(0), torch.ones(1, 128))
+    assert masks[0, 0, :64].mean() > 0.9 and masks[1, 0, 64:].mean() > 0.9
+
+
+@pytest.mark.parametrize("flags, levels_out", [(["--mask-on", "encoder"], 2), (["--shared-term"], 2),
+                                               (["--mask", "none"], 1)])
+def test_gmm_readings_shapes(flags, levels_out):
+    model, info = masked_model(hmlc_gmm, flags)
+    x = torch.randn(6, 1, 32, 32)
+    labels = torch.tensor([[0, 0], [0, 1], [1, 10], [1, 11], [2, 20], [2, 20]])
+    levels, shared = model(x, labels)
+    assert levels.shape == (levels_out, 6, 128)
+    assert torch.allclose(levels.norm(dim=-1), torch.ones(levels_out, 6), atol=1e-5)
+    assert (shared is not None) == ("--shared-term" in flags)
+
+
+@pytest.mark.parametrize("flags", [["--gate-input", "projection"], ["--gate", "residual"], ["--mask-on", "encoder"],
+                                   ["--shared-term"]])
+def test_attention_readings_shapes_and_gate_range(flags):
+    model, info = masked_model(hmlc_attention, flags)
+    x = torch.randn(6, 1, 32, 32)
+    levels, shared = model(x)
+    assert levels.shape == (2, 6, 128)
+    h = model.encoder(x)
+    gates = model.gates(h if "projection" not in flags else model.head(h))
+    low, high = (1, 2) if "residual" in flags else (0, 1)
+    assert gates.min() > low and gates.max() < high
+    assert (shared is not None) == ("--shared-term" in flags)
+    with pytest.raises(SystemExit):
+        hmlc_attention.parse_args(["--mask-on", "encoder", "--gate-input", "projection"])
