@@ -1,6 +1,6 @@
 """Datasets, label conventions and batched two-view augmentation shared by every method file.
 
-Label conventions (SPEC §2): hierarchical targets are a LongTensor [L] ordered coarse -> fine with
+Label conventions: hierarchical targets are a LongTensor [L] ordered coarse -> fine with
 global ids at every level (a fine id implies its ancestors); multi-label targets are a multi-hot
 FloatTensor [K].
 
@@ -84,7 +84,7 @@ class DatasetInfo:
     std: tuple = (0.5,)
     # "crop": random resized crop + flip + colour (natural images);
     # "canvas": small shifts and scales only, so the composite's ring digit is never cut away;
-    # "points": the point-cloud views of SPEC §4; "points-isotropic": the same without per-axis scaling.
+    # "points": the standard point-cloud views, per-axis scaling included; "points-isotropic": without it.
     augment: str = "crop"
     extra: dict = field(default_factory=dict)
 
@@ -1036,7 +1036,7 @@ DATASETS = tuple(LOADERS)
 
 
 def load(name, root="./data", split="train", download=False, fraction=1.0, seed=0, **options):
-    """Return a Dataset of (x, y) with `.info` (SPEC §4).
+    """Return a Dataset of (x, y) with `.info`.
 
     `download` fetches a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups,
     rcv1) into `root`, off by default here (the scripts turn it on; `--no-download` turns it off).

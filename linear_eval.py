@@ -1,4 +1,4 @@
-"""Frozen-encoder evaluation shared by every method file (SPEC §3.6).
+"""Frozen-encoder evaluation shared by every method file.
 
 For each label level: a linear classifier on the frozen encoder's features (top-1 of the final
 iterate on the test set, never a best-epoch pick), a training-free weighted kNN (cosine, k = 20), and

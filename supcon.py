@@ -7,7 +7,7 @@ What this file implements
 - An encoder f (small CNN for CPU runs, CIFAR-style ResNet-18/50), one projection head g (MLP
   D_enc -> D_enc -> 128), z = normalize(g(f(x))), trained with the finest label as the class.
   Multi-label data: positives are the samples that share at least one label with the anchor.
-- The shared training loop (SPEC §5): presets per dataset, SGD + warm-up + cosine, bf16 autocast and
+- The shared training loop: presets per dataset, SGD + warm-up + cosine, bf16 autocast and
   channels_last, atomic checkpoints and --resume, DDP under torchrun with a global-batch
   all-gather, and a frozen-encoder linear evaluation at the end (linear_eval.py).
 

@@ -1,4 +1,4 @@
-"""Loss and mask speed, each as a ratio against its baseline measured in the same run (SPEC §7).
+"""Loss and mask speed, each as a ratio against its baseline measured in the same run.
 
 - supcon_loss (one masked log-softmax over all anchors) against a per-anchor Python loop;
 - MLCL's level masks from one broadcast comparison against a per-row loop, B = 1024, L = 3 (target >= 5x);

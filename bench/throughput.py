@@ -1,4 +1,4 @@
-"""Training-step throughput of every method, as ratios against SupCon measured in the same run (SPEC §7).
+"""Training-step throughput of every method, as ratios against SupCon measured in the same run.
 
 One step = two augmented views of a batch (data.two_views, on the training device), the method's
 forward and loss (bf16 autocast on CUDA, the loss in fp32), backward and an SGD step: exactly what the

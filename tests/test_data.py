@@ -1,4 +1,4 @@
-"""Tests of data.py (SPEC §2, §4): loaders on fixtures in the real file formats, the hdigits composition,
+"""Tests of data.py: loaders on fixtures in the real file formats, the hdigits composition,
 limited-data subsets, per-sample batched augmentation and epoch batching."""
 
 import gzip

@@ -1,4 +1,4 @@
-"""Tests of linear_eval.py (SPEC §3.6): multi-label metrics against scikit-learn, weighted kNN against a naive
+"""Tests of linear_eval.py: multi-label metrics against scikit-learn, weighted kNN against a naive
 loop, and the linear probe on problems whose answer is known."""
 
 import math

@@ -1,4 +1,4 @@
-"""Tests of the point-cloud path (SPEC §4): ModelNet40 in both real formats (resampled text files and
+"""Tests of the point-cloud path: ModelNet40 in both real formats (resampled text files and
 Princeton's OFF meshes) on fixtures, the .npy cache, area-weighted surface sampling, the procedural
 `shapes`, batched point augmentation, the raw-input floor, PointNet, and every method script on shapes."""
 

@@ -1,4 +1,4 @@
-"""Tests of supcon.supcon_loss (SPEC §3.1): Eq. 2 of Khosla et al. against a naive loop, known values,
+"""Tests of supcon.supcon_loss: Eq. 2 of Khosla et al. against a naive loop, known values,
 invariances, gradients, numerical robustness and input validation."""
 
 import itertools
@@ -243,7 +243,7 @@ def test_low_precision_input_computed_in_float32(dtype):
 
 
 def test_autocast_does_not_lower_precision():
-    """SPEC §2/§3.1: the loss is computed in at least float32 *also under autocast* (the training loop calls it
+    """The loss is computed in at least float32 *also under autocast* (the training loop calls it
     inside torch.autocast(bfloat16) on CUDA). CPU autocast has the same policy for matmul, so under
     torch.autocast("cpu", bfloat16) the result must be float32 and equal the loss computed outside autocast."""
     features = unit_features(32, 2, 64, 9, dtype=torch.float32)
