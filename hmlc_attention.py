@@ -27,6 +27,29 @@ What this file implements
 Run
     python hmlc_attention.py                 # hdigits demo, A-HMLC with HMCE
     python hmlc_attention.py --dataset cifar100 --epochs 200
+
+Choices: what the papers say, what the HMLC reference code (salesforce/hierarchicalContrastiveLearning)
+does, what we do, and the flag; tests/test_hmlc.py pins each row.
+
+    | choice           | paper                  | reference code              | here                  | flag                |
+    |------------------|------------------------|-----------------------------|-----------------------|---------------------|
+    | level positives  | same label at level l  | same label path (prefix)    | same label path       | -                   |
+    | level weight     | a penalty lambda_l     | loss 2^(1/l); training      | 2^(1/l)               | --level-weight-base |
+    |                  |                        | script e^(1/l)              |                       |                     |
+    | HCE maximum      | per pair (Eq. 6/7)     | over levels' mean losses    | over levels' means    | -                   |
+    | levels summed    | every level            | l = 1..L-1, divided by L    | l = 1..L, / L         | -                   |
+    | de-duplication   | -                      | one sample per label path   | none: every view at   | -                   |
+    |                  |                        | kept for the next level     | every level           |                     |
+    | loss factor      | -                      | t / 0.07, t = 0.07: 1       | none                  | -                   |
+    | temperature      | -                      | 0.07                        | 0.1                   | --temperature       |
+    | gate input       | the feature (unclear   | no public code              | encoder feature f(x)  | --gate-input        |
+    |                  | which)                 |                             |                       |                     |
+    | gate use         | e * M_l                | -                           | e * M_l               | --gate residual     |
+    | masked features  | the embedding          | -                           | projection output e   | --mask-on           |
+
+    Levels summed: the reference loop masks the last l label columns for l = 1..L-1, so its finest
+    column never forms a level of its own. HCE maximum: measured on a
+    trained hdigits model (bench/hce_binding.md), how often the maximum changes a level's loss.
 """
 
 import argparse
@@ -57,19 +80,21 @@ METHOD = "hmlc_attention"
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=True):
+def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, check_finite=True):
     """Hierarchical multi-label contrastive loss of Zhang et al. (CVPR 2022): HMC, HCE or HMCE.
 
-    Levels are counted from the finest, l = 1..L. Level l's positives share the label at level l, and
-    loss_l is SupCon's L_out (Khosla et al., Eq. 2) with those positives. Then
+    Levels are counted from the finest, l = 1..L. Level l's positives share the anchor's label path from
+    the root down to level l (with global ids: the same label at level l), and loss_l is SupCon's L_out
+    (Khosla et al., Eq. 2) with those positives, averaged over the anchors. Then
 
-        HMC:  L = 1/L sum_l lambda_l loss_l,          lambda_l = 2^(1/l)  (the reference's "pow_2")
+        HMC:  L = 1/L sum_l lambda_l loss_l,          lambda_l = base^(1/l)  (base 2: the reference's "pow_2")
         HCE:  L = 1/L sum_l max(loss_l, max_{l' < l} loss_l')   (a coarser level's loss is at least
               every finer level's: a cummax from fine to coarse)
         HMCE: both: L = 1/L sum_l lambda_l max(loss_l, max_{l' < l} loss_l')
 
-    Every view is used at every level, as the paper describes (the reference code also drops, per
-    level, all but one sample of each label; that is not done here).
+    The maximum is taken between levels' mean losses, as the reference code does; the paper's Eq. 6/7
+    write it per pair. Every view is used at every level, as the paper describes (the reference code
+    also keeps, per level, one sample of each label path for the next level; that is not done here).
 
     Args:
         features: [B, V, D] L2-normalised embeddings shared by all levels, or [L, B, V, D] with one
@@ -77,6 +102,8 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
         labels: [B, L] global ids per level, coarse -> fine.
         temperature: t, the same at every level.
         loss_type: "hmc", "hce" or "hmce".
+        level_weight_base: base of lambda_l = base^(1/l); 2 as in the paper and the reference loss, e as
+            in the reference training script (layer_penalty=torch.exp).
         check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
             host sync, so the training step turns it off and checks the loss every ten steps instead.
     Returns a scalar in float32 (float64 stays float64), all levels in one batched computation.
@@ -102,7 +129,10 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
     is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
     log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
     level_labels = labels.T  # [L, B], column order: coarse -> fine
-    positives = (level_labels[:, :, None] == level_labels[:, None, :]).repeat(1, views, views) & ~is_self
+    same_path = level_labels[:, :, None] == level_labels[:, None, :]  # [L, B, B]
+    for level in range(1, levels):  # and agree at every coarser level (a loop over levels only)
+        same_path[level] &= same_path[level - 1]
+    positives = same_path.repeat(1, views, views) & ~is_self
     positive_count = positives.sum(2)
     per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [L, N]
     counted = (positive_count > 0).to(per_anchor.dtype)
@@ -112,8 +142,126 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
     if loss_type in ("hce", "hmce"):
         fine_first = fine_first.cummax(0).values
     if loss_type in ("hmc", "hmce"):
-        fine_first = fine_first * 2.0 ** (1.0 / torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype))
+        level = torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype)
+        fine_first = fine_first * level_weight_base ** (1.0 / level)
     return fine_first.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+class LevelAttention(nn.Module):
+    """Soft feature masks, one per level: M_l = sigmoid(W2_l ReLU(W1_l h)) (squeeze-and-excitation style).
+
+    Input h [N, in_dim]; output [L, N, out_dim] in (0, 1). The L gates are stacked weight tensors, so
+    all levels are one batched product; the hidden width is in_dim // reduction.
+    """
+
+    def __init__(self, in_dim, out_dim, levels, reduction=4):
+        super().__init__()
+        hidden = max(1, in_dim // reduction)
+        self.w1 = nn.Parameter(torch.empty(levels, hidden, in_dim))
+        self.b1 = nn.Parameter(torch.empty(levels, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(levels, out_dim, hidden))
+        self.b2 = nn.Parameter(torch.empty(levels, 1, out_dim))
+        for weight, bias, fan_in in ((self.w1, self.b1, in_dim), (self.w2, self.b2, hidden)):
+            bound = fan_in ** -0.5  # nn.Linear's default initialisation, per level
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, h):
+        hidden = torch.relu(torch.einsum("lki,ni->lnk", self.w1, h) + self.b1)
+        return torch.sigmoid(torch.einsum("lok,lnk->lno", self.w2, hidden) + self.b2)
+
+
+class AHMLCModel(nn.Module):
+    """Encoder f, projection head E and the level gates of the chosen reading.
+
+    forward(x) -> (level features [L, N, D], shared features [N, D] or None), all normalised. Default:
+    z_l = normalize(E(f(x)) * M_l(f(x))). --gate-input projection computes M_l from E(f(x)); --gate
+    residual multiplies by 1 + M_l; --mask-on encoder gives z_l = normalize(E(f(x) * M_l(f(x)))).
+    """
+
+    def __init__(self, arch, info, args):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.head = projection_head(feature_dim)
+        self.args = args
+        projection_dim = self.head[-1].out_features
+        gate_in = feature_dim if args.gate_input == "encoder" else projection_dim
+        gate_out = feature_dim if args.mask_on == "encoder" else projection_dim
+        self.attention = LevelAttention(gate_in, gate_out, len(info.level_names))
+
+    def gates(self, features):
+        masks = self.attention(features)
+        return 1 + masks if self.args.gate == "residual" else masks
+
+    def forward(self, x):
+        return self.embed(self.encoder(x))
+
+    def embed(self, h, labels=None):
+        """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
+        if self.args.mask_on == "encoder":
+            levels = F.normalize(self.head(h[None] * self.gates(h)), dim=-1)
+            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
+            return levels, shared
+        e = self.head(h)
+        masks = self.gates(h if self.args.gate_input == "encoder" else e)
+        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
+        return F.normalize(e[None] * masks, dim=-1), shared
+
+
+def method_loss(model, views, targets, args, info):
+    """views [V, B, ...] -> HMCE on the global batch over the per-level attention-masked features (+ the
+    shared embedding's HMCE with --shared-term)."""
+    num_views, batch = views.shape[:2]
+    levels, shared = model(views.flatten(0, 1))  # [L, V*B, D], [V*B, D] or None
+
+    def per_sample(z):  # [K, V*B, D] -> [K, B_global, V, D]
+        z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, K, V, D]
+        return gather_across_ranks(z).transpose(0, 1)
+
+    targets = gather_across_ranks(targets)
+    loss = hmlc_loss(per_sample(levels), targets, args.temperature, args.loss_type,
+                     args.level_weight_base, check_finite=False)
+    if shared is not None:
+        loss = loss + hmlc_loss(per_sample(shared[None]), targets, args.temperature, args.loss_type,
+                                args.level_weight_base, check_finite=False)
+    return loss
+
+
+def build_model(args, info):
+    if info.multilabel:
+        raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
+    return AHMLCModel(args.arch, info, args)
+
+
+def add_method_arguments(p):
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau (all levels)")
+    p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
+                   help="level weights base^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
+    p.add_argument("--level-weight-base", type=float, default=2.0,
+                   help="lambda_l = base^(1/l), l = 1 the finest level: 2 as in the paper and the reference loss, "
+                        "2.71828 (e) as in the reference training script")
+    p.add_argument("--gate-input", choices=("encoder", "projection"), default="encoder",
+                   help="the gates see the encoder feature f(x) or the projection output E(f(x))")
+    p.add_argument("--gate", choices=("plain", "residual"), default="plain",
+                   help="plain: e * M_l; residual: e * (1 + M_l), so a closed gate keeps the feature")
+    p.add_argument("--mask-on", choices=("projection", "encoder"), default="projection",
+                   help="multiply the gates into the projection output, or into f(x) before one shared head")
+    p.add_argument("--shared-term", action="store_true",
+                   help="add HMCE on the unmasked embedding to the masked levels' HMCE (instead of replacing it)")
+
+
+def check_method_arguments(p, args):
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.level_weight_base <= 0:
+        p.error(f"--level-weight-base must be positive, got {args.level_weight_base}")
+    if args.mask_on == "encoder" and args.gate_input == "projection":
+        p.error("--mask-on encoder needs --gate-input encoder: the gates act before the projection exists")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,117 +386,6 @@ def gather_across_ranks(tensor):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     return GatherAcrossRanks.apply(tensor)
-
-
-# --------------------------------------------------------------------------------------------------
-# The method: model, positives and one training step's loss
-# --------------------------------------------------------------------------------------------------
-
-
-class LevelAttention(nn.Module):
-    """Soft feature masks, one per level: M_l = sigmoid(W2_l ReLU(W1_l h)) (squeeze-and-excitation style).
-
-    Input h [N, in_dim]; output [L, N, out_dim] in (0, 1). The L gates are stacked weight tensors, so
-    all levels are one batched product; the hidden width is in_dim // reduction.
-    """
-
-    def __init__(self, in_dim, out_dim, levels, reduction=4):
-        super().__init__()
-        hidden = max(1, in_dim // reduction)
-        self.w1 = nn.Parameter(torch.empty(levels, hidden, in_dim))
-        self.b1 = nn.Parameter(torch.empty(levels, 1, hidden))
-        self.w2 = nn.Parameter(torch.empty(levels, out_dim, hidden))
-        self.b2 = nn.Parameter(torch.empty(levels, 1, out_dim))
-        for weight, bias, fan_in in ((self.w1, self.b1, in_dim), (self.w2, self.b2, hidden)):
-            bound = fan_in ** -0.5  # nn.Linear's default initialisation, per level
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
-
-    def forward(self, h):
-        hidden = torch.relu(torch.einsum("lki,ni->lnk", self.w1, h) + self.b1)
-        return torch.sigmoid(torch.einsum("lok,lnk->lno", self.w2, hidden) + self.b2)
-
-
-class AHMLCModel(nn.Module):
-    """Encoder f, projection head E and the level gates of the chosen reading.
-
-    forward(x) -> (level features [L, N, D], shared features [N, D] or None), all normalised. Default:
-    z_l = normalize(E(f(x)) * M_l(f(x))). --gate-input projection computes M_l from E(f(x)); --gate
-    residual multiplies by 1 + M_l; --mask-on encoder gives z_l = normalize(E(f(x) * M_l(f(x)))).
-    """
-
-    def __init__(self, arch, info, args):
-        super().__init__()
-        self.encoder, feature_dim = build_encoder(arch, info)
-        self.head = projection_head(feature_dim)
-        self.args = args
-        projection_dim = self.head[-1].out_features
-        gate_in = feature_dim if args.gate_input == "encoder" else projection_dim
-        gate_out = feature_dim if args.mask_on == "encoder" else projection_dim
-        self.attention = LevelAttention(gate_in, gate_out, len(info.level_names))
-
-    def gates(self, features):
-        masks = self.attention(features)
-        return 1 + masks if self.args.gate == "residual" else masks
-
-    def forward(self, x):
-        return self.embed(self.encoder(x))
-
-    def embed(self, h, labels=None):
-        """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
-        if self.args.mask_on == "encoder":
-            levels = F.normalize(self.head(h[None] * self.gates(h)), dim=-1)
-            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
-            return levels, shared
-        e = self.head(h)
-        masks = self.gates(h if self.args.gate_input == "encoder" else e)
-        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
-        return F.normalize(e[None] * masks, dim=-1), shared
-
-
-def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> HMCE on the global batch over the per-level attention-masked features (+ the
-    shared embedding's HMCE with --shared-term)."""
-    num_views, batch = views.shape[:2]
-    levels, shared = model(views.flatten(0, 1))  # [L, V*B, D], [V*B, D] or None
-
-    def per_sample(z):  # [K, V*B, D] -> [K, B_global, V, D]
-        z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, K, V, D]
-        return gather_across_ranks(z).transpose(0, 1)
-
-    targets = gather_across_ranks(targets)
-    loss = hmlc_loss(per_sample(levels), targets, args.temperature, args.loss_type, check_finite=False)
-    if shared is not None:
-        loss = loss + hmlc_loss(per_sample(shared[None]), targets, args.temperature, args.loss_type,
-                                check_finite=False)
-    return loss
-
-
-def build_model(args, info):
-    if info.multilabel:
-        raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
-    return AHMLCModel(args.arch, info, args)
-
-
-def add_method_arguments(p):
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau (all levels)")
-    p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
-                   help="level weights 2^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
-    p.add_argument("--gate-input", choices=("encoder", "projection"), default="encoder",
-                   help="the gates see the encoder feature f(x) or the projection output E(f(x))")
-    p.add_argument("--gate", choices=("plain", "residual"), default="plain",
-                   help="plain: e * M_l; residual: e * (1 + M_l), so a closed gate keeps the feature")
-    p.add_argument("--mask-on", choices=("projection", "encoder"), default="projection",
-                   help="multiply the gates into the projection output, or into f(x) before one shared head")
-    p.add_argument("--shared-term", action="store_true",
-                   help="add HMCE on the unmasked embedding to the masked levels' HMCE (instead of replacing it)")
-
-
-def check_method_arguments(p, args):
-    if args.temperature <= 0:
-        p.error(f"--temperature must be positive, got {args.temperature}")
-    if args.mask_on == "encoder" and args.gate_input == "projection":
-        p.error("--mask-on encoder needs --gate-input encoder: the gates act before the projection exists")
 
 
 # --------------------------------------------------------------------------------------------------

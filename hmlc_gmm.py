@@ -32,6 +32,34 @@ Run
     python hmlc_gmm.py                       # hdigits demo, G-HMLC with HMCE
     python hmlc_gmm.py --mask none           # the HMCE baseline
     python hmlc_gmm.py --dataset cifar100 --epochs 200
+
+Choices: what the papers say, what the HMLC reference code (salesforce/hierarchicalContrastiveLearning)
+does, what we do, and the flag; tests/test_hmlc.py pins each row.
+
+    | choice           | paper                  | reference code              | here                  | flag                |
+    |------------------|------------------------|-----------------------------|-----------------------|---------------------|
+    | level positives  | same label at level l  | same label path (prefix)    | same label path       | -                   |
+    | level weight     | a penalty lambda_l     | loss 2^(1/l); training      | 2^(1/l)               | --level-weight-base |
+    |                  |                        | script e^(1/l)              |                       |                     |
+    | HCE maximum      | per pair (Eq. 6/7)     | over levels' mean losses    | over levels' means    | -                   |
+    | levels summed    | every level            | l = 1..L-1, divided by L    | l = 1..L, / L         | -                   |
+    | de-duplication   | -                      | one sample per label path   | none: every view at   | -                   |
+    |                  |                        | kept for the next level     | every level           |                     |
+    | loss factor      | -                      | t / 0.07, t = 0.07: 1       | none                  | -                   |
+    | temperature      | -                      | 0.07                        | 0.1                   | --temperature       |
+    | GMM fitted to    | "this embedding        | no public code              | each view's own D     | --gmm-over          |
+    |                  | vector", per image     |                             | entries, detached     |                     |
+    | mask -> level    | -                      | -                           | largest mean: coarsest| -                   |
+    | empty mask       | -                      | -                           | all ones              | -                   |
+    | masked features  | the embedding          | -                           | projection output e   | --mask-on           |
+
+    Levels summed: the reference loop masks the last l label columns for l = 1..L-1, so its finest
+    column never forms a level of its own. HCE maximum: measured on a
+    trained hdigits model (bench/hce_binding.md), how often the maximum changes a level's loss.
+    GMM per sample, in practice: on N(0, 1) rows with 3 levels the coarsest mask holds only positive
+    entries, so coarse-level cosines are never negative (with 2 levels, 87 % positive); on trained
+    hdigits embeddings it holds about 1 of 128 dimensions and coarse negatives sit at cosine 0.65
+    (bench/feature_masks.md): the coarse level sees almost nothing, which is why G-HMLC trails HMCE here.
 """
 
 import argparse
@@ -63,19 +91,21 @@ METHOD = "hmlc_gmm"
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=True):
+def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, check_finite=True):
     """Hierarchical multi-label contrastive loss of Zhang et al. (CVPR 2022): HMC, HCE or HMCE.
 
-    Levels are counted from the finest, l = 1..L. Level l's positives share the label at level l, and
-    loss_l is SupCon's L_out (Khosla et al., Eq. 2) with those positives. Then
+    Levels are counted from the finest, l = 1..L. Level l's positives share the anchor's label path from
+    the root down to level l (with global ids: the same label at level l), and loss_l is SupCon's L_out
+    (Khosla et al., Eq. 2) with those positives, averaged over the anchors. Then
 
-        HMC:  L = 1/L sum_l lambda_l loss_l,          lambda_l = 2^(1/l)  (the reference's "pow_2")
+        HMC:  L = 1/L sum_l lambda_l loss_l,          lambda_l = base^(1/l)  (base 2: the reference's "pow_2")
         HCE:  L = 1/L sum_l max(loss_l, max_{l' < l} loss_l')   (a coarser level's loss is at least
               every finer level's: a cummax from fine to coarse)
         HMCE: both: L = 1/L sum_l lambda_l max(loss_l, max_{l' < l} loss_l')
 
-    Every view is used at every level, as the paper describes (the reference code also drops, per
-    level, all but one sample of each label; that is not done here).
+    The maximum is taken between levels' mean losses, as the reference code does; the paper's Eq. 6/7
+    write it per pair. Every view is used at every level, as the paper describes (the reference code
+    also keeps, per level, one sample of each label path for the next level; that is not done here).
 
     Args:
         features: [B, V, D] L2-normalised embeddings shared by all levels, or [L, B, V, D] with one
@@ -83,6 +113,8 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
         labels: [B, L] global ids per level, coarse -> fine.
         temperature: t, the same at every level.
         loss_type: "hmc", "hce" or "hmce".
+        level_weight_base: base of lambda_l = base^(1/l); 2 as in the paper and the reference loss, e as
+            in the reference training script (layer_penalty=torch.exp).
         check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
             host sync, so the training step turns it off and checks the loss every ten steps instead.
     Returns a scalar in float32 (float64 stays float64), all levels in one batched computation.
@@ -108,7 +140,10 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
     is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
     log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
     level_labels = labels.T  # [L, B], column order: coarse -> fine
-    positives = (level_labels[:, :, None] == level_labels[:, None, :]).repeat(1, views, views) & ~is_self
+    same_path = level_labels[:, :, None] == level_labels[:, None, :]  # [L, B, B]
+    for level in range(1, levels):  # and agree at every coarser level (a loop over levels only)
+        same_path[level] &= same_path[level - 1]
+    positives = same_path.repeat(1, views, views) & ~is_self
     positive_count = positives.sum(2)
     per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [L, N]
     counted = (positive_count > 0).to(per_anchor.dtype)
@@ -118,132 +153,9 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", check_finite=
     if loss_type in ("hce", "hmce"):
         fine_first = fine_first.cummax(0).values
     if loss_type in ("hmc", "hmce"):
-        fine_first = fine_first * 2.0 ** (1.0 / torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype))
+        level = torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype)
+        fine_first = fine_first * level_weight_base ** (1.0 / level)
     return fine_first.mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoders, projection head and the global-batch gather (identical in every method file)
-# --------------------------------------------------------------------------------------------------
-
-
-def small_cnn(in_channels, width=16):
-    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
-
-    def stage(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
-    layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), 8 * width
-
-
-def cifar_resnet(name, in_channels):
-    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
-    net = getattr(torchvision.models, name)(weights=None)
-    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feature_dim
-
-
-class PointNet(nn.Module):
-    """PointNet (Qi et al., CVPR 2017) without its input and feature transforms: a shared per-point MLP
-    3 -> 64 -> 64 -> 128 -> D (1x1 convolutions with BatchNorm and ReLU), then a max-pool over the points.
-    Input [B, P, 3], output [B, D]; the max makes it invariant to the order of the points."""
-
-    def __init__(self, feature_dim=256):
-        super().__init__()
-        layers, width = [], 3
-        for out in (64, 64, 128, feature_dim):
-            layers += [nn.Conv1d(width, out, 1, bias=False), nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
-            width = out
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, points):
-        return self.mlp(points.transpose(1, 2)).amax(dim=2)
-
-
-class FastText(nn.Module):
-    """fastText-style text encoder (Joulin et al., EACL 2017): the mean of learned embeddings of a document's
-    hashed uni- and bigram ids [B, T] (data.ngram_ids; 0 = padding, left out of the mean), then a LayerNorm.
-    Embeddings start small, as in fastText (uniform in +-1/D). Output [B, D]."""
-
-    def __init__(self, buckets, feature_dim=128):
-        super().__init__()
-        self.embedding = nn.EmbeddingBag(buckets + 1, feature_dim, mode="mean", padding_idx=0)
-        nn.init.uniform_(self.embedding.weight, -1 / feature_dim, 1 / feature_dim)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
-        self.norm = nn.LayerNorm(feature_dim)
-
-    def forward(self, ids):
-        # One flat bag of the non-padding ids per document: most of a padded row is 0, and leaving the
-        # zeros out makes the backward pass (which sorts the ids) several times cheaper.
-        present = ids > 0
-        counts = present.sum(1)
-        return self.norm(self.embedding(ids[present], torch.cumsum(counts, 0) - counts))
-
-
-def text_encoder(arch, info, feature_dim=128):
-    """fastText over hashed n-grams ("fasttext"), or one linear layer + LayerNorm on TF-IDF ("tfidf-linear")."""
-    wanted = {"fasttext": "words", "tfidf-linear": "tfidf"}[arch]
-    if info.modality != "text" or info.extra.get("input") != wanted:
-        raise ValueError(f"--arch {arch} needs a text dataset with {wanted} input; {info.name} has "
-                         f"{info.modality} data ({info.extra.get('input', 'no text input')})")
-    if arch == "fasttext":
-        return FastText(info.extra["buckets"], feature_dim), feature_dim
-    return nn.Sequential(nn.Linear(info.extra["input_dim"], feature_dim), nn.LayerNorm(feature_dim)), feature_dim
-
-
-ARCHS = ("cnn", "resnet18", "resnet50", "pointnet", "fasttext", "tfidf-linear")
-
-
-def build_encoder(arch, info):
-    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
-    if arch == "cnn":
-        return small_cnn(info.channels)
-    if arch in ("resnet18", "resnet50"):
-        return cifar_resnet(arch, info.channels)
-    if arch == "pointnet":
-        return PointNet(feature_dim=256), 256
-    if arch in ("fasttext", "tfidf-linear"):
-        return text_encoder(arch, info)
-    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-
-
-def projection_head(feature_dim, out_dim=128):
-    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
-
-
-class GatherAcrossRanks(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
-
-    Every rank computes the same loss on the global batch, so the local rows receive world_size times
-    their single-process gradient; DDP's gradient averaging divides that back out.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor):
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        rows = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
-
-
-def gather_across_ranks(tensor):
-    """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return GatherAcrossRanks.apply(tensor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,10 +291,11 @@ def method_loss(model, views, targets, args, info):
         return gather_across_ranks(z).transpose(0, 1)
 
     targets = gather_across_ranks(targets)
-    loss = hmlc_loss(per_sample(levels.float()), targets, args.temperature, args.loss_type, check_finite=False)
+    loss = hmlc_loss(per_sample(levels.float()), targets, args.temperature, args.loss_type,
+                     args.level_weight_base, check_finite=False)
     if shared is not None:
         loss = loss + hmlc_loss(per_sample(shared[None].float()), targets, args.temperature, args.loss_type,
-                                check_finite=False)
+                                args.level_weight_base, check_finite=False)
     return loss
 
 
@@ -395,7 +308,10 @@ def build_model(args, info):
 def add_method_arguments(p):
     p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau (all levels)")
     p.add_argument("--loss-type", choices=("hmc", "hce", "hmce"), default="hmce",
-                   help="level weights 2^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
+                   help="level weights base^(1/l) (hmc), the hierarchy constraint (hce), or both (hmce)")
+    p.add_argument("--level-weight-base", type=float, default=2.0,
+                   help="lambda_l = base^(1/l), l = 1 the finest level: 2 as in the paper and the reference loss, "
+                        "2.71828 (e) as in the reference training script")
     p.add_argument("--mask", choices=("gmm", "none"), default="gmm", help="none: the plain HMLC baseline")
     p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the GMM")
     p.add_argument("--gmm-over", choices=("sample", "dims"), default="sample",
@@ -413,10 +329,136 @@ def add_method_arguments(p):
 def check_method_arguments(p, args):
     if args.temperature <= 0:
         p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.level_weight_base <= 0:
+        p.error(f"--level-weight-base must be positive, got {args.level_weight_base}")
     if args.gmm_iters < 1:
         p.error(f"--gmm-iters must be at least 1, got {args.gmm_iters}")
     if not 0.0 <= args.dims_momentum < 1.0:
         p.error(f"--dims-momentum must lie in [0, 1), got {args.dims_momentum}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders, projection head and the global-batch gather (identical in every method file)
+# --------------------------------------------------------------------------------------------------
+
+
+def small_cnn(in_channels, width=16):
+    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
+
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
+    layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 8 * width
+
+
+def cifar_resnet(name, in_channels):
+    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
+    net = getattr(torchvision.models, name)(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+class PointNet(nn.Module):
+    """PointNet (Qi et al., CVPR 2017) without its input and feature transforms: a shared per-point MLP
+    3 -> 64 -> 64 -> 128 -> D (1x1 convolutions with BatchNorm and ReLU), then a max-pool over the points.
+    Input [B, P, 3], output [B, D]; the max makes it invariant to the order of the points."""
+
+    def __init__(self, feature_dim=256):
+        super().__init__()
+        layers, width = [], 3
+        for out in (64, 64, 128, feature_dim):
+            layers += [nn.Conv1d(width, out, 1, bias=False), nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
+            width = out
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, points):
+        return self.mlp(points.transpose(1, 2)).amax(dim=2)
+
+
+class FastText(nn.Module):
+    """fastText-style text encoder (Joulin et al., EACL 2017): the mean of learned embeddings of a document's
+    hashed uni- and bigram ids [B, T] (data.ngram_ids; 0 = padding, left out of the mean), then a LayerNorm.
+    Embeddings start small, as in fastText (uniform in +-1/D). Output [B, D]."""
+
+    def __init__(self, buckets, feature_dim=128):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(buckets + 1, feature_dim, mode="mean", padding_idx=0)
+        nn.init.uniform_(self.embedding.weight, -1 / feature_dim, 1 / feature_dim)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.norm = nn.LayerNorm(feature_dim)
+
+    def forward(self, ids):
+        # One flat bag of the non-padding ids per document: most of a padded row is 0, and leaving the
+        # zeros out makes the backward pass (which sorts the ids) several times cheaper.
+        present = ids > 0
+        counts = present.sum(1)
+        return self.norm(self.embedding(ids[present], torch.cumsum(counts, 0) - counts))
+
+
+def text_encoder(arch, info, feature_dim=128):
+    """fastText over hashed n-grams ("fasttext"), or one linear layer + LayerNorm on TF-IDF ("tfidf-linear")."""
+    wanted = {"fasttext": "words", "tfidf-linear": "tfidf"}[arch]
+    if info.modality != "text" or info.extra.get("input") != wanted:
+        raise ValueError(f"--arch {arch} needs a text dataset with {wanted} input; {info.name} has "
+                         f"{info.modality} data ({info.extra.get('input', 'no text input')})")
+    if arch == "fasttext":
+        return FastText(info.extra["buckets"], feature_dim), feature_dim
+    return nn.Sequential(nn.Linear(info.extra["input_dim"], feature_dim), nn.LayerNorm(feature_dim)), feature_dim
+
+
+ARCHS = ("cnn", "resnet18", "resnet50", "pointnet", "fasttext", "tfidf-linear")
+
+
+def build_encoder(arch, info):
+    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
+    if arch == "cnn":
+        return small_cnn(info.channels)
+    if arch in ("resnet18", "resnet50"):
+        return cifar_resnet(arch, info.channels)
+    if arch == "pointnet":
+        return PointNet(feature_dim=256), 256
+    if arch in ("fasttext", "tfidf-linear"):
+        return text_encoder(arch, info)
+    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def projection_head(feature_dim, out_dim=128):
+    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, out_dim))
+
+
+class GatherAcrossRanks(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
+
+    Every rank computes the same loss on the global batch, so the local rows receive world_size times
+    their single-process gradient; DDP's gradient averaging divides that back out.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_across_ranks(tensor):
+    """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return GatherAcrossRanks.apply(tensor)
 
 
 # --------------------------------------------------------------------------------------------------

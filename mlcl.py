@@ -12,9 +12,6 @@ What this file implements
 
   `mlcl_loss` computes all heads in one batched pass; `hierarchical_masks` and `multilabel_masks`
   build the positive (and anchor) masks of every head from one broadcast comparison.
-- Defaults where the paper is silent or gives a range (our choices): t = 0.1 on the finest level and
-  0.5 on every coarser level (the paper's Figure 4 finds a warmer superclass head better); a_h = 1;
-  multi-label heads all at t = 0.1.
 - The cross-entropy term the paper adds for text: a linear classifier on f(x) trained jointly,
   L = w_ce * CE(finest level) + lambda * L_MLCL (BCE-with-logits for multi-label data); w_ce defaults
   to 1 on text datasets and 0 otherwise (--ce-weight sets it). When it is trained, the classifier's own
@@ -26,6 +23,24 @@ Run
     python mlcl.py --dataset hdigits-multilabel        # 10 label heads + a global head
     python mlcl.py --dataset cifar100 --epochs 200 --temperatures 0.5 0.1
     python mlcl.py --dataset skdocs                    # text: fastText encoder + the CE term, ~1 CPU minute
+
+Choices: what the paper says, what the SupCon reference code (HobbitLong/SupContrast, on which MLCL
+builds) does, what we do, and the flag; tests/test_mlcl.py pins each row.
+
+    | choice          | paper                       | reference code | here                               | flag                  |
+    |-----------------|-----------------------------|----------------|------------------------------------|-----------------------|
+    | positives       | same label at level h       | -              | same label path, root down to h    | -                     |
+    | temperatures    | per head; warm coarse helps | one t (0.07)   | 0.5 coarser levels, 0.1 finest and | --temperatures        |
+    |                 | (Fig. 4, 0.5)               |                | global; 0.1 every multi-label head |                       |
+    | head weights    | a_h, a hyperparameter       | -              | 1                                  | --weights             |
+    | loss factor     | not stated                  | t / 0.07       | none (see below)                   | --base-temperature    |
+    | CE term (text)  | CE + lambda * MLCL          | -              | w_ce = 1 on text, else 0           | --ce-weight, --lambda |
+    | global head     | multi-label data            | -              | multi-label on, hierarchical off   | --heads               |
+
+    Label path: with global ids (every loader here) it is the same as the same label at level h; with
+    parent-local ids (a user's own data, WOS's raw YL2) only the path is right. Loss factor: with
+    SupContrast's t / 0.07 a t = 0.5 head weighs 7x a t = 0.1 head, which may be part of why the paper
+    found a warm superclass head better; --base-temperature 0.07 reproduces it.
 """
 
 import argparse
@@ -57,13 +72,19 @@ METHOD = "mlcl"
 def hierarchical_masks(labels):
     """Positive masks of the level heads: [B, L] labels (coarse -> fine) -> [L, B, B] bool.
 
-    P_h(i) = samples with the same label at level h; the diagonal is True, so the other views of the
-    anchor's own sample are positives at every level.
+    P_h(i) = samples whose label path from the root down to level h is the anchor's: they agree at
+    level h and at every coarser level. With global ids (fine ids unique across the tree, as every
+    loader here gives them) that is the same as agreeing at level h; with parent-local ids (fine ids
+    numbered 0.. inside each parent, like WOS's YL2) only the path test is right. The diagonal is True,
+    so the other views of the anchor's own sample are positives at every level.
     """
     if labels.dim() != 2:
         raise ValueError(f"labels must be [B, L], got shape {tuple(labels.shape)}")
     levels = labels.T
-    return levels[:, :, None] == levels[:, None, :]
+    same_path = levels[:, :, None] == levels[:, None, :]  # [L, B, B], one broadcast comparison
+    for level in range(1, len(same_path)):  # and agree at every coarser level (a loop over levels only)
+        same_path[level] &= same_path[level - 1]
+    return same_path
 
 
 def multilabel_masks(targets, groups=None):
@@ -100,20 +121,24 @@ def multilabel_masks(targets, groups=None):
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def mlcl_loss(features, pos_masks, temperatures, weights=None, anchor_masks=None, check_finite=True):
+def mlcl_loss(features, pos_masks, temperatures, weights=None, anchor_masks=None, base_temperature=None,
+              check_finite=True):
     """Multi-level supervised contrastive loss: L = sum_h a_h * L_h, each L_h SupCon's Eq. 2 (L_out).
 
         l_i^h = -1/|P_h(i)| sum_{p in P_h(i)} log( exp(z_i^h.z_p^h/t_h) / sum_{a in A(i)} exp(z_i^h.z_a^h/t_h) )
-        L_h   = mean of l_i^h over the anchors of head h that have a positive
+        L_h   = (t_h / t_base) * mean of l_i^h over the anchors of head h that have a positive
 
     Args:
         features: [H, B, V, D] L2-normalised embeddings of every head, V views of each of B samples.
+            Rows are stacked view-major, as in supcon_loss: row v*B + b is view v of sample b.
         pos_masks: [H, B, B] positives per head (nonzero = positive; the diagonal marks the other
             views of the same sample).
         temperatures: [H] t_h (tensor or sequence).
         weights: [H] a_h; None means 1 for every head.
         anchor_masks: [H, B] which samples are anchors of head h; None means all. Non-anchors stay in
             every denominator A(i).
+        base_temperature: t_base; None means no rescaling. The SupCon reference code uses 0.07, which
+            multiplies head h's loss, and so its gradient, by t_h / 0.07 (by 7 for a t = 0.5 head).
         check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
             host sync, so the training step turns it off and checks the loss every ten steps instead.
     Returns a scalar, computed in float32 (float64 stays float64), all heads in the same batched products.
@@ -127,40 +152,136 @@ def mlcl_loss(features, pos_masks, temperatures, weights=None, anchor_masks=None
         raise ValueError(f"anchor_masks must be [H, B] = [{heads}, {batch}], got {tuple(anchor_masks.shape)}")
     if check_finite and not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf")
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    features = features.to(dtype)
-    temperatures = torch.as_tensor(temperatures, dtype=dtype, device=features.device)
-    weights = torch.ones(heads, dtype=dtype, device=features.device) if weights is None else \
-        torch.as_tensor(weights, dtype=dtype, device=features.device)
+    if features.dtype != torch.float64:
+        features = features.float()
+    temperatures = torch.as_tensor(temperatures, dtype=features.dtype, device=features.device)
+    weights = torch.ones_like(temperatures) if weights is None else \
+        torch.as_tensor(weights, dtype=features.dtype, device=features.device)
     if temperatures.shape != (heads,) or weights.shape != (heads,):
         raise ValueError(f"temperatures and weights must be [H] = [{heads}], got {tuple(temperatures.shape)} "
                          f"and {tuple(weights.shape)}")
 
-    # l_i = logsumexp_{a in A(i)} s_ia - mean_{p in P(i)} s_ip (s = z.z/t) is Eq. 2 rearranged: the positive
-    # term needs only the sum of the positives' embeddings, a [B, B] x [B, D] product, so no [N, N] positive
-    # mask is ever built. Rows are sample-major (row b*V + v), a free view of the input.
-    scaled = features / temperatures[:, None, None, None]
-    rows = features.reshape(heads, batch * views, -1)
-    logits = torch.bmm(scaled.reshape(heads, batch * views, -1), rows.transpose(1, 2))  # [H, N, N]
-    logits.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # A(i) leaves out i itself
-    # log-sum-exp written out with the row max as shift: torch.logsumexp costs 3.5x as much on a CPU
-    row_max = logits.detach().amax(2, keepdim=True)
-    log_normaliser = ((logits - row_max).exp().sum(2, keepdim=True).log() + row_max).view(heads, batch, views)
-
-    is_positive = pos_masks != 0
-    is_own_sample_positive = is_positive.diagonal(dim1=1, dim2=2).long()  # [H, B]: 1 if its other views count
-    positive_sum = torch.bmm(is_positive.to(dtype), features.sum(2))  # [H, B, D]: every view of every positive
-    positive_logit_sum = (scaled * positive_sum[:, :, None]).sum(3) \
-        - is_own_sample_positive[:, :, None] * (scaled * features).sum(3)  # [H, B, V], minus s_ii
-    positive_count = views * is_positive.sum(2) - is_own_sample_positive  # [H, B]
-    per_anchor = log_normaliser - positive_logit_sum / positive_count.clamp(min=1)[:, :, None]
-
+    contrast = features.transpose(1, 2).reshape(heads, views * batch, -1)  # [H, N, D], view-major
+    logits = torch.bmm(contrast, contrast.transpose(1, 2)) / temperatures[:, None, None]  # [H, N, N]
+    is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
+    # Excluding self (A(i) leaves out i) before the softmax keeps every logit finite for any input scale.
+    log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
+    positives = (pos_masks != 0).repeat(1, views, views) & ~is_self  # P_h(i), [H, N, N]
+    positive_count = positives.sum(2)
+    per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # l_i^h, [H, N]
     counted = positive_count > 0
     if anchor_masks is not None:
-        counted = counted & (anchor_masks != 0)
-    counted = counted[:, :, None].expand(-1, -1, views)
-    per_head = torch.where(counted, per_anchor, 0.0).sum((1, 2)) / counted.sum((1, 2)).clamp(min=1)
-    return (weights * per_head).sum()
+        counted = counted & (anchor_masks != 0).repeat(1, views)
+    counted = counted.to(per_anchor.dtype)
+    per_head = (per_anchor * counted).sum(1) / counted.sum(1).clamp(min=1)  # L_h
+    scale = 1.0 if base_temperature is None else temperatures / base_temperature
+    return (weights * scale * per_head).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+def head_names(info, args):
+    """One head per level (coarse -> fine) or per label / label group, plus the global head."""
+    if info.multilabel:
+        groups = info.extra.get("label_groups")
+        names = [group_name for group_name, _ in groups] if groups else list(info.label_names[0])
+        return names + ["global"]
+    return list(info.level_names) + (["global"] if args.heads == "levels+global" else [])
+
+
+def head_temperatures(info, args):
+    """--temperatures, or 0.1 on the finest level (and global head), 0.5 on coarser levels."""
+    names = head_names(info, args)
+    if args.temperatures is not None:
+        return list(args.temperatures)
+    if info.multilabel:
+        return [0.1] * len(names)
+    return [0.5] * (len(info.level_names) - 1) + [0.1] * (len(names) - len(info.level_names) + 1)
+
+
+class MLCLModel(nn.Module):
+    """Shared encoder f, one projection head per level or label, and the optional CE classifier."""
+
+    def __init__(self, arch, info, num_heads, classifier):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.heads = nn.ModuleList(projection_head(feature_dim) for _ in range(num_heads))
+        self.classifier = nn.Linear(feature_dim, info.num_classes[-1]) if classifier else None
+
+    def forward(self, x):
+        """-> (z [H, N, 128] normalised per head, classifier logits [N, C] or None)."""
+        h = self.encoder(x)
+        z = torch.stack([F.normalize(head(h), dim=-1) for head in self.heads])
+        return z, (self.classifier(h) if self.classifier is not None else None)
+
+
+def head_masks(targets, info, args):
+    """(positives [H, B, B], anchors [H, B] or None) of every head for a batch of targets."""
+    if info.multilabel:
+        groups = info.extra.get("label_groups")
+        return multilabel_masks(targets, [labels for _, labels in groups] if groups else None)
+    positives = hierarchical_masks(targets)
+    if args.heads == "levels+global":  # the global head of hierarchical data: same finest label
+        positives = torch.cat([positives, positives[-1:]])
+    return positives, None
+
+
+def method_loss(model, views, targets, args, info):
+    """views [V, B, ...] -> lambda * MLCL on the global batch (+ w_ce * CE on this rank's views)."""
+    num_views, batch = views.shape[:2]
+    z, logits = model(views.flatten(0, 1))
+    z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, H, V, D]
+    z, global_targets = gather_across_ranks(z).transpose(0, 1), gather_across_ranks(targets)
+    positives, anchors = head_masks(global_targets, info, args)
+    loss = args.mlcl_weight * mlcl_loss(z, positives, head_temperatures(info, args), args.weights, anchors,
+                                        args.base_temperature, check_finite=False)
+    if logits is not None:
+        view_targets = targets.repeat(num_views, 1)
+        if info.multilabel:
+            classification = F.binary_cross_entropy_with_logits(logits.float(), view_targets.float())
+        else:
+            classification = F.cross_entropy(logits.float(), view_targets[:, -1])
+        loss = loss + args.ce_weight * classification
+    return loss
+
+
+def build_model(args, info):
+    if args.ce_weight is None:  # the CE term is on by default for text only (--ce-weight 0 turns it off)
+        args.ce_weight = 1.0 if info.modality == "text" else 0.0
+    names = head_names(info, args)
+    for flag, values in (("--temperatures", args.temperatures), ("--weights", args.weights)):
+        if values is not None and len(values) != len(names):
+            raise SystemExit(f"{flag} needs {len(names)} values, one per head ({', '.join(names)}); got {len(values)}")
+    return MLCLModel(args.arch, info, len(names), classifier=args.ce_weight > 0)
+
+
+def add_method_arguments(p):
+    p.add_argument("--temperatures", type=float, nargs="+", default=None,
+                   help="one temperature per head (coarse -> fine, then global); default 0.5 coarse, 0.1 fine")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one loss weight per head; default 1")
+    p.add_argument("--heads", choices=("levels", "levels+global"), default="levels",
+                   help="hierarchical data: one head per level, optionally plus a global head (same finest label)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight w_ce of the jointly trained linear classifier's CE (BCE for multi-label) in "
+                        "L = w_ce * CE + lambda * MLCL; default 1 on text datasets (the paper's text recipe), else 0")
+    p.add_argument("--lambda", dest="mlcl_weight", type=float, default=1.0, help="weight of the MLCL loss")
+    p.add_argument("--base-temperature", type=float, default=None,
+                   help="scale head h's loss by t_h/base (0.07 reproduces the SupCon reference code; a t = 0.5 "
+                        "head then weighs 7x); default: no scaling")
+
+
+def check_method_arguments(p, args):
+    if args.temperatures is not None and min(args.temperatures) <= 0:
+        p.error(f"--temperatures must be positive, got {args.temperatures}")
+    if args.weights is not None and min(args.weights) < 0:
+        p.error(f"--weights must not be negative, got {args.weights}")
+    if (args.ce_weight is not None and args.ce_weight < 0) or args.mlcl_weight < 0:
+        p.error("--ce-weight and --lambda must not be negative")
+    if args.base_temperature is not None and args.base_temperature <= 0:
+        p.error(f"--base-temperature must be positive, got {args.base_temperature}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,107 +406,6 @@ def gather_across_ranks(tensor):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     return GatherAcrossRanks.apply(tensor)
-
-
-# --------------------------------------------------------------------------------------------------
-# The method: model, positives and one training step's loss
-# --------------------------------------------------------------------------------------------------
-
-
-def head_names(info, args):
-    """One head per level (coarse -> fine) or per label / label group, plus the global head."""
-    if info.multilabel:
-        groups = info.extra.get("label_groups")
-        names = [group_name for group_name, _ in groups] if groups else list(info.label_names[0])
-        return names + ["global"]
-    return list(info.level_names) + (["global"] if args.heads == "levels+global" else [])
-
-
-def head_temperatures(info, args):
-    """--temperatures, or 0.1 on the finest level (and global head), 0.5 on coarser levels."""
-    names = head_names(info, args)
-    if args.temperatures is not None:
-        return list(args.temperatures)
-    if info.multilabel:
-        return [0.1] * len(names)
-    return [0.5] * (len(info.level_names) - 1) + [0.1] * (len(names) - len(info.level_names) + 1)
-
-
-class MLCLModel(nn.Module):
-    """Shared encoder f, one projection head per level or label, and the optional CE classifier."""
-
-    def __init__(self, arch, info, num_heads, classifier):
-        super().__init__()
-        self.encoder, feature_dim = build_encoder(arch, info)
-        self.heads = nn.ModuleList(projection_head(feature_dim) for _ in range(num_heads))
-        self.classifier = nn.Linear(feature_dim, info.num_classes[-1]) if classifier else None
-
-    def forward(self, x):
-        """-> (z [H, N, 128] normalised per head, classifier logits [N, C] or None)."""
-        h = self.encoder(x)
-        z = torch.stack([F.normalize(head(h), dim=-1) for head in self.heads])
-        return z, (self.classifier(h) if self.classifier is not None else None)
-
-
-def head_masks(targets, info, args):
-    """(positives [H, B, B], anchors [H, B] or None) of every head for a batch of targets."""
-    if info.multilabel:
-        groups = info.extra.get("label_groups")
-        return multilabel_masks(targets, [labels for _, labels in groups] if groups else None)
-    positives = hierarchical_masks(targets)
-    if args.heads == "levels+global":  # the global head of hierarchical data: same finest label
-        positives = torch.cat([positives, positives[-1:]])
-    return positives, None
-
-
-def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> lambda * MLCL on the global batch (+ w_ce * CE on this rank's views)."""
-    num_views, batch = views.shape[:2]
-    z, logits = model(views.flatten(0, 1))
-    z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, H, V, D]
-    z, global_targets = gather_across_ranks(z).transpose(0, 1), gather_across_ranks(targets)
-    positives, anchors = head_masks(global_targets, info, args)
-    loss = args.mlcl_weight * mlcl_loss(z, positives, head_temperatures(info, args), args.weights, anchors,
-                                        check_finite=False)
-    if logits is not None:
-        view_targets = targets.repeat(num_views, 1)
-        if info.multilabel:
-            classification = F.binary_cross_entropy_with_logits(logits.float(), view_targets.float())
-        else:
-            classification = F.cross_entropy(logits.float(), view_targets[:, -1])
-        loss = loss + args.ce_weight * classification
-    return loss
-
-
-def build_model(args, info):
-    if args.ce_weight is None:  # the CE term is on by default for text only (--ce-weight 0 turns it off)
-        args.ce_weight = 1.0 if info.modality == "text" else 0.0
-    names = head_names(info, args)
-    for flag, values in (("--temperatures", args.temperatures), ("--weights", args.weights)):
-        if values is not None and len(values) != len(names):
-            raise SystemExit(f"{flag} needs {len(names)} values, one per head ({', '.join(names)}); got {len(values)}")
-    return MLCLModel(args.arch, info, len(names), classifier=args.ce_weight > 0)
-
-
-def add_method_arguments(p):
-    p.add_argument("--temperatures", type=float, nargs="+", default=None,
-                   help="one temperature per head (coarse -> fine, then global); default 0.5 coarse, 0.1 fine")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="one loss weight per head; default 1")
-    p.add_argument("--heads", choices=("levels", "levels+global"), default="levels",
-                   help="hierarchical data: one head per level, optionally plus a global head (same finest label)")
-    p.add_argument("--ce-weight", type=float, default=None,
-                   help="weight w_ce of the jointly trained linear classifier's CE (BCE for multi-label) in "
-                        "L = w_ce * CE + lambda * MLCL; default 1 on text datasets (the paper's text recipe), else 0")
-    p.add_argument("--lambda", dest="mlcl_weight", type=float, default=1.0, help="weight of the MLCL loss")
-
-
-def check_method_arguments(p, args):
-    if args.temperatures is not None and min(args.temperatures) <= 0:
-        p.error(f"--temperatures must be positive, got {args.temperatures}")
-    if args.weights is not None and min(args.weights) < 0:
-        p.error(f"--weights must not be negative, got {args.weights}")
-    if (args.ce_weight is not None and args.ce_weight < 0) or args.mlcl_weight < 0:
-        p.error("--ce-weight and --lambda must not be negative")
 
 
 # --------------------------------------------------------------------------------------------------

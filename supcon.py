@@ -15,6 +15,17 @@ Run
     python supcon.py                                  # hdigits demo, a few minutes on a laptop CPU
     python supcon.py --dataset cifar100 --epochs 200
     torchrun --nproc_per_node=4 supcon.py --dataset cifar100
+
+Choices: what the paper says, what the reference code (HobbitLong/SupContrast) does, what we do, and
+the flag; tests/test_supcon_loss.py pins each row.
+
+    | choice        | paper          | reference code          | here                      | flag                    |
+    |---------------|----------------|-------------------------|---------------------------|-------------------------|
+    | loss factor   | none           | t / 0.07 times the loss | none                      | --base-temperature 0.07 |
+    | temperature   | 0.1            | 0.07                    | 0.1                       | --temperature           |
+    | anchors       | every view     | "all" (or "one")        | "all" (or "one")          | contrast_mode= argument |
+    | no positive   | -              | NaN for that anchor     | anchor left out           | -                       |
+    | multi-label   | -              | -                       | positives share a label   | -                       |
 """
 
 import argparse
@@ -103,6 +114,56 @@ def supcon_loss(features, labels=None, mask=None, temperature=0.1, contrast_mode
     loss = (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
     scale = 1.0 if base_temperature is None else temperature / base_temperature
     return scale * loss
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss
+# --------------------------------------------------------------------------------------------------
+
+
+class SupConModel(nn.Module):
+    """z = normalize(g(f(x))): encoder f, one projection head g."""
+
+    def __init__(self, arch, info):
+        super().__init__()
+        self.encoder, feature_dim = build_encoder(arch, info)
+        self.head = projection_head(feature_dim)
+
+    def forward(self, x):
+        return F.normalize(self.head(self.encoder(x)), dim=-1)
+
+
+def positive_mask(targets):
+    """Positives for SupCon: same finest label, or (multi-label) at least one label in common."""
+    if targets.dtype.is_floating_point:
+        return (targets @ targets.T) > 0
+    return targets[:, -1, None] == targets[None, :, -1]
+
+
+def method_loss(model, views, targets, args, info):
+    """views [V, B, ...] -> SupCon loss on the global batch."""
+    num_views, batch = views.shape[:2]
+    z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
+    z, targets = gather_across_ranks(z), gather_across_ranks(targets)
+    return supcon_loss(z, mask=positive_mask(targets), temperature=args.temperature,
+                       base_temperature=args.base_temperature, check_finite=False)
+
+
+def build_model(args, info):
+    return SupConModel(args.arch, info)
+
+
+def add_method_arguments(p):
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau")
+    p.add_argument("--base-temperature", type=float, default=None,
+                   help="scale the loss by tau/base (0.07 reproduces the reference; only scales the gradient)")
+
+
+def check_method_arguments(p, args):
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.base_temperature is not None and args.base_temperature <= 0:
+        p.error(f"--base-temperature must be positive, got {args.base_temperature}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,56 +288,6 @@ def gather_across_ranks(tensor):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     return GatherAcrossRanks.apply(tensor)
-
-
-# --------------------------------------------------------------------------------------------------
-# The method: model, positives and one training step's loss
-# --------------------------------------------------------------------------------------------------
-
-
-class SupConModel(nn.Module):
-    """z = normalize(g(f(x))): encoder f, one projection head g."""
-
-    def __init__(self, arch, info):
-        super().__init__()
-        self.encoder, feature_dim = build_encoder(arch, info)
-        self.head = projection_head(feature_dim)
-
-    def forward(self, x):
-        return F.normalize(self.head(self.encoder(x)), dim=-1)
-
-
-def positive_mask(targets):
-    """Positives for SupCon: same finest label, or (multi-label) at least one label in common."""
-    if targets.dtype.is_floating_point:
-        return (targets @ targets.T) > 0
-    return targets[:, -1, None] == targets[None, :, -1]
-
-
-def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> SupCon loss on the global batch."""
-    num_views, batch = views.shape[:2]
-    z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
-    z, targets = gather_across_ranks(z), gather_across_ranks(targets)
-    return supcon_loss(z, mask=positive_mask(targets), temperature=args.temperature,
-                       base_temperature=args.base_temperature, check_finite=False)
-
-
-def build_model(args, info):
-    return SupConModel(args.arch, info)
-
-
-def add_method_arguments(p):
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature tau")
-    p.add_argument("--base-temperature", type=float, default=None,
-                   help="scale the loss by tau/base (0.07 reproduces the reference; only scales the gradient)")
-
-
-def check_method_arguments(p, args):
-    if args.temperature <= 0:
-        p.error(f"--temperature must be positive, got {args.temperature}")
-    if args.base_temperature is not None and args.base_temperature <= 0:
-        p.error(f"--base-temperature must be positive, got {args.base_temperature}")
 
 
 # --------------------------------------------------------------------------------------------------

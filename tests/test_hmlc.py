@@ -26,8 +26,9 @@ def tree_labels(batch, seed=0):
     return torch.stack([fine // 4, fine // 2 + 10, fine + 100], dim=1)
 
 
-def naive_level_loss(features, labels, level, temperature):
-    """SupCon L_out of one label column by explicit loops (features [B, V, D], float64)."""
+def naive_anchor_losses(features, labels, level, temperature):
+    """SupCon l_i of every anchor at one level by explicit loops (features [B, V, D], float64), None where
+    the anchor has no positive; positives share the label path from the root (column 0) down to `level`."""
     batch, views, _ = features.shape
     rows = [(v, b) for v in range(views) for b in range(batch)]
     losses = []
@@ -35,13 +36,19 @@ def naive_level_loss(features, labels, level, temperature):
         zi = features[bi, vi]
         denominator = sum(math.exp(float(zi @ features[b, v]) / temperature) for j, (v, b) in enumerate(rows) if j != i)
         terms = [math.log(math.exp(float(zi @ features[b, v]) / temperature) / denominator)
-                 for j, (v, b) in enumerate(rows) if j != i and labels[b, level] == labels[bi, level]]
-        if terms:
-            losses.append(-sum(terms) / len(terms))
+                 for j, (v, b) in enumerate(rows)
+                 if j != i and bool((labels[b, : level + 1] == labels[bi, : level + 1]).all())]
+        losses.append(-sum(terms) / len(terms) if terms else None)
+    return losses
+
+
+def naive_level_loss(features, labels, level, temperature):
+    """loss_l: the mean of l_i over the anchors that have a positive."""
+    losses = [loss for loss in naive_anchor_losses(features, labels, level, temperature) if loss is not None]
     return sum(losses) / len(losses)
 
 
-def naive_hmlc(features, labels, temperature, loss_type):
+def naive_hmlc(features, labels, temperature, loss_type, base=2.0):
     levels = labels.shape[1]
     per_level = [naive_level_loss(features if features.dim() == 3 else features[c], labels, c, temperature)
                  for c in range(levels)]
@@ -49,7 +56,7 @@ def naive_hmlc(features, labels, temperature, loss_type):
     total = 0.0
     for l in range(1, levels + 1):
         loss = max(fine_first[:l]) if loss_type in ("hce", "hmce") else fine_first[l - 1]
-        weight = 2 ** (1 / l) if loss_type in ("hmc", "hmce") else 1.0
+        weight = base ** (1 / l) if loss_type in ("hmc", "hmce") else 1.0
         total += weight * loss
     return total / levels
 
@@ -58,8 +65,10 @@ def naive_hmlc(features, labels, temperature, loss_type):
 @pytest.mark.parametrize("loss_type", ["hmc", "hce", "hmce"])
 @pytest.mark.parametrize("per_level", [False, True])
 def test_hmlc_loss_matches_loop(module, loss_type, per_level):
-    """Both files' hmlc_loss equal a loop over levels and anchors, for shared and per-level features."""
+    """Both files' hmlc_loss equal a loop over levels and anchors, for shared and per-level features. No
+    per-level de-duplication: repeated label paths all count, at every level."""
     labels = tree_labels(6, seed=1)
+    assert len(torch.unique(labels[:, :1], dim=0)) < 6, "the batch repeats label paths"
     generator = torch.Generator().manual_seed(2)
     shape = (3, 6, 2, 5) if per_level else (6, 2, 5)
     features = torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
@@ -90,6 +99,36 @@ def test_hierarchy_constraint_binds():
     hce = hmlc_gmm.hmlc_loss(features, labels, 0.2, "hce").item()
     assert hce == pytest.approx(constrained.mean(), rel=1e-10)
     assert hce > np.mean(own)
+    # The maximum is taken between the levels' mean losses (reference code), not per anchor (the paper's
+    # Eq. 6/7), which would give a larger value here.
+    per_anchor = np.array([naive_anchor_losses(features[c], labels, c, 0.2) for c in range(3)][::-1], dtype=float)
+    per_anchor_hce = np.maximum.accumulate(per_anchor, axis=0).mean(1).mean()
+    assert per_anchor_hce > hce + 1e-3
+
+
+@pytest.mark.parametrize("module", LOSS_MODULES)
+def test_parent_local_ids_give_the_same_loss_as_global_ids(module):
+    """Positives follow the label path: fine ids numbered inside each parent (0, 1, ...) give exactly the
+    loss of the same tree with global ids, and match the loop."""
+    global_ids = tree_labels(8, seed=6)
+    local_ids = torch.stack([global_ids[:, 0], global_ids[:, 1] % 2, global_ids[:, 2] % 2], dim=1)
+    assert (local_ids[:, 2, None] == local_ids[None, :, 2]).sum() > (global_ids[:, 2, None] == global_ids[None, :, 2]).sum()
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 5, dtype=torch.float64), dim=-1)
+    local = module.hmlc_loss(features, local_ids, 0.2)
+    assert torch.allclose(local, module.hmlc_loss(features, global_ids, 0.2), rtol=1e-12)
+    assert local.item() == pytest.approx(naive_hmlc(features, local_ids, 0.2, "hmce"), rel=1e-10)
+
+
+@pytest.mark.parametrize("module", LOSS_MODULES)
+def test_level_weight_base(module):
+    """lambda_l = base^(1/l): 2 by default (paper, reference loss), e as in the reference training script."""
+    labels = tree_labels(6, seed=7)
+    features = torch.nn.functional.normalize(torch.randn(6, 2, 4, dtype=torch.float64), dim=-1)
+    for loss_type in ("hmc", "hmce"):
+        got = module.hmlc_loss(features, labels, 0.3, loss_type, level_weight_base=math.e)
+        assert got.item() == pytest.approx(naive_hmlc(features, labels, 0.3, loss_type, base=math.e), rel=1e-10)
+    assert module.parse_args([]).level_weight_base == 2.0 and module.parse_args([]).temperature == 0.1
+    assert module.parse_args(["--level-weight-base", "2.718281828"]).level_weight_base == pytest.approx(math.e)
 
 
 def test_hmlc_loss_rejects_bad_input():
@@ -272,3 +311,25 @@ def test_attention_readings_shapes_and_gate_range(flags):
     assert (shared is not None) == ("--shared-term" in flags)
     with pytest.raises(SystemExit):
         hmlc_attention.parse_args(["--mask-on", "encoder", "--gate-input", "projection"])
+
+
+def test_per_sample_gmm_on_standard_normal_rows():
+    """The choices table's G-HMLC row: each row gets its own masks; on N(0, 1) rows the coarsest mask (the
+    largest-mean component) holds only positive entries with 3 levels and mostly positive ones with 2, so
+    coarse-level cosines are never negative with 3 levels."""
+    rows = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    for levels, positive_share in ((3, 1.0), (2, 0.8)):
+        coarse = hmlc_gmm.gmm_masks(rows, levels)[0]
+        assert ((rows > 0) & (coarse > 0)).sum() >= positive_share * coarse.sum()
+        assert len(torch.unique(coarse, dim=0)) > 200, "masks differ from row to row"
+    z = torch.nn.functional.normalize(rows * hmlc_gmm.gmm_masks(rows, 3)[0], dim=-1)
+    assert (z @ z.T).min() >= 0
+
+
+def test_attention_gates_read_the_encoder_feature_by_default():
+    """The choices table's A-HMLC rows: z_l = normalize(e * M_l(f(x))), plain gates, masks on e."""
+    model, _ = masked_model(hmlc_attention, [])
+    h = torch.randn(6, 128)
+    levels, shared = model.embed(h)
+    expected = torch.nn.functional.normalize(model.head(h)[None] * model.attention(h), dim=-1)
+    assert torch.allclose(levels, expected, atol=1e-6) and shared is None

@@ -95,15 +95,36 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda f: mlcl.mlcl_loss(f, masks, [0.5, 0.1], [1.0, 2.0], anchors), (features,))
 
 
-def test_hierarchical_masks_match_row_loop():
+def test_hierarchical_masks_follow_the_label_path():
+    """Positive at level l = the labels agree at every level from the root down to l. With parent-local
+    fine ids (0..3 inside each coarse class) a column test would pair samples of different parents."""
     generator = torch.Generator().manual_seed(0)
     coarse = torch.randint(0, 3, (20,), generator=generator)
-    labels = torch.stack([coarse, coarse * 10 + torch.randint(0, 4, (20,), generator=generator)], dim=1)
-    masks = mlcl.hierarchical_masks(labels)
+    local_fine = torch.randint(0, 4, (20,), generator=generator)
+    local = torch.stack([coarse, local_fine], dim=1)
+    masks = mlcl.hierarchical_masks(local)
     for level in range(2):
         for i in range(20):
             for j in range(20):
-                assert masks[level, i, j].item() == (labels[i, level] == labels[j, level]).item()
+                assert masks[level, i, j].item() == bool((local[i, : level + 1] == local[j, : level + 1]).all())
+    assert (masks[1] != (local_fine[:, None] == local_fine[None, :])).any(), "the column test differs here"
+    global_ids = torch.stack([coarse, coarse * 10 + local_fine], dim=1)
+    assert torch.equal(mlcl.hierarchical_masks(global_ids), masks)
+
+
+def test_base_temperature_scales_each_head_by_its_own_temperature():
+    """SupContrast's factor: head h's loss times t_h / t_base (a t = 0.5 head then weighs 5x as much as a t = 0.1 head)."""
+    features = random_features(2, 6, 2, 4, seed=3)
+    masks = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(3)) < 0.5
+    temperatures, weights = [0.5, 0.1], [1.0, 2.0]
+    plain = [mlcl.mlcl_loss(features[h : h + 1], masks[h : h + 1], temperatures[h : h + 1]).item() for h in range(2)]
+    scaled = mlcl.mlcl_loss(features, masks, temperatures, weights, base_temperature=0.07).item()
+    assert scaled == pytest.approx(sum(w * t / 0.07 * loss for w, t, loss in zip(weights, temperatures, plain)), rel=1e-10)
+    one_head = mlcl.mlcl_loss(features[:1], masks[:1], [0.5], base_temperature=0.07)
+    reference = supcon.supcon_loss(features[0], mask=masks[0], temperature=0.5, base_temperature=0.07)
+    assert torch.allclose(one_head, reference, rtol=1e-12)
+    assert mlcl.parse_args(["--base-temperature", "0.07"]).base_temperature == 0.07
+    assert mlcl.parse_args([]).base_temperature is None
 
 
 @pytest.mark.parametrize("groups", [None, [[0, 1], [2, 3, 4]]])

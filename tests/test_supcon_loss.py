@@ -334,3 +334,21 @@ def test_rejects_bad_contrast_mode():
     """contrast_mode other than "all"/"one" raises and names the bad value."""
     with pytest.raises(ValueError, match="contrast_mode.*anchor"):
         supcon_loss(torch.randn(4, 2, 8), contrast_mode="anchor")
+
+
+def test_choices_table_defaults():
+    """The docstring's choices: t = 0.1 and no t / t_base factor by default; multi-label positives share a
+    label; an anchor without positives is left out of the mean instead of making it NaN."""
+    import supcon
+
+    args = supcon.parse_args([])
+    assert args.temperature == 0.1 and args.base_temperature is None
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert supcon.positive_mask(multi_hot).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    features = torch.nn.functional.normalize(torch.randn(3, 1, 4, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 0, 1])  # one view each: sample 2 has no positive
+    loss = supcon_loss(features, labels=labels)
+    z = features[:, 0]
+    by_hand = [-(z[i] @ z[1 - i] / 0.1 - torch.logsumexp(torch.stack([z[i] @ z[j] / 0.1 for j in range(3) if j != i]), 0))
+               for i in range(2)]
+    assert loss.item() == pytest.approx(float(sum(by_hand) / 2), rel=1e-12)
