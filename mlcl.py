@@ -459,6 +459,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every N optimizer steps, a kNN probe (k = 20) of a held-out part of the training set "
+                        "(--probe-share, left out of training) into metrics.jsonl; 0: off")
+    p.add_argument("--probe-share", type=float, default=0.1,
+                   help="--eval-every: class-stratified share of the training set held out for the probe")
     add_method_arguments(p)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.dataset].items():
@@ -472,6 +477,8 @@ def parse_args(argv=None):
         p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
     if not 0.0 < args.fraction <= 1.0:
         p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
+    if args.eval_every < 0 or not 0.0 < args.probe_share < 1.0:
+        p.error("--eval-every must not be negative and --probe-share must lie in (0, 1)")
     check_method_arguments(p, args)
     return args
 
@@ -512,14 +519,15 @@ def load_checkpoint(path, args):
     return state
 
 
-def keep_metrics_until(path, epoch):
-    """Drop the metrics lines of epochs after `epoch`: a run killed after its last checkpoint logged them,
-    and the resumed run takes those epochs again."""
+def keep_metrics_until(path, epoch, step):
+    """Drop the metrics lines of epochs after `epoch` and the probes after global step `step`: a run killed
+    after its last checkpoint logged them, and the resumed run takes those steps again."""
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] <= epoch]
+            records = [json.loads(line) for line in f]
+        kept = [record for record in records if (record["step"] <= step if "step" in record else record["epoch"] <= epoch)]
         with open(path, "w") as f:
-            f.writelines(lines)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
 
 
 def setup_distributed(args):
@@ -556,6 +564,8 @@ def train(args):
     train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
     if rank == 0 and world_size > 1:
         dist.barrier()
+    if args.eval_every:  # the convergence probe never looks at the test set
+        train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
     info = train_set.info
     if args.aug == "torchvision" and info.modality != "image":
         raise SystemExit(f"--aug torchvision is the reference image pipeline; {args.dataset} holds {info.modality}")
@@ -599,7 +609,7 @@ def train(args):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if resumed:
-            keep_metrics_until(metrics_path, start_epoch)
+            keep_metrics_until(metrics_path, start_epoch, start_epoch * steps + start_step)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
         print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): "
@@ -632,6 +642,11 @@ def train(args):
                 losses.append(loss.detach())
                 position = (epoch, step + 1, losses)
                 progress.update()
+                global_step = epoch * steps + step + 1
+                if args.eval_every and global_step % args.eval_every == 0 and rank == 0:
+                    probe = linear_eval.knn_probe(core.encoder, train_set, probe_set, device)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"epoch": epoch + 1, "step": global_step, "probe_knn_top1": probe}) + "\n")
                 if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
                     check_finite(losses, epoch, steps, checkpoint_path)
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)

@@ -126,9 +126,10 @@ def record_learning_rates(monkeypatch):
 
 
 def metrics(out):
-    """metrics.jsonl without the wall-clock fields."""
+    """metrics.jsonl without the wall-clock fields: (epoch, loss, lr) per epoch, (epoch, step, probe) per probe."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(line["epoch"], line["loss"], line["lr"]) for line in lines]
+    return [(line["epoch"], line["step"], line["probe_knn_top1"]) if "step" in line else
+            (line["epoch"], line["loss"], line["lr"]) for line in lines]
 
 
 def assert_same_weights(a, b):
@@ -141,8 +142,8 @@ def assert_same_weights(a, b):
 def test_resume_mid_epoch_takes_the_uninterrupted_steps(tmp_path, monkeypatch):
     """Ctrl-C in the middle of epoch 2 (3 steps an epoch), then --resume: the run takes the same 9 optimizer
     steps at the same learning rates as an uninterrupted one, ends with bitwise the same weights on CPU, and
-    logs every epoch once with the same loss and lr."""
-    flags = [*TINY, "--epochs", "3"]
+    logs every epoch once with the same loss and lr, and every kNN probe (--eval-every 2) once."""
+    flags = [*TINY, "--epochs", "3", "--eval-every", "2"]
     rates = record_learning_rates(monkeypatch)
     straight = tmp_path / "straight"
     supcon.train(supcon.parse_args([*flags, "--out", str(straight)]))
@@ -161,13 +162,15 @@ def test_resume_mid_epoch_takes_the_uninterrupted_steps(tmp_path, monkeypatch):
     assert len(straight_rates) == 9 and rates == straight_rates
     assert_same_weights(straight, interrupted)
     assert metrics(interrupted) == metrics(straight)
+    assert [line[1] for line in metrics(straight) if isinstance(line[2], dict)] == [2, 4, 6, 8]
+    assert json.loads((straight / "config.json").read_text())["train_samples"] == 225  # 250 less the probe's 25
 
 
 def test_killed_run_resumed_logs_every_epoch_once(tmp_path, monkeypatch):
     """A run killed in epoch 4 (no Ctrl-C checkpoint), whose last checkpoint is from epoch 2 (--save-every 2)
     but which had logged epoch 3 too, resumed from that checkpoint: metrics.jsonl holds epochs 1-4 once each,
-    equal to an uninterrupted run's, and so are the weights."""
-    flags = [*TINY, "--epochs", "4", "--save-every", "2"]
+    equal to an uninterrupted run's, and so are the weights and the kNN probes (--eval-every 2)."""
+    flags = [*TINY, "--epochs", "4", "--save-every", "2", "--eval-every", "2"]
     straight = tmp_path / "straight"
     supcon.train(supcon.parse_args([*flags, "--out", str(straight)]))
 
@@ -176,7 +179,8 @@ def test_killed_run_resumed_logs_every_epoch_once(tmp_path, monkeypatch):
         fail_at_step(patch, supcon, 10, RuntimeError("killed"))
         with pytest.raises(RuntimeError, match="killed"):
             supcon.train(supcon.parse_args([*flags, "--out", str(killed)]))
-    assert [epoch for epoch, _, _ in metrics(killed)] == [1, 2, 3]
+    assert [line[:2] for line in metrics(killed) if isinstance(line[2], dict)] == [(1, 2), (2, 4), (2, 6), (3, 8)]
+    assert [epoch for epoch, _, lr in metrics(killed) if not isinstance(lr, dict)] == [1, 2, 3]
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 2
     supcon.train(supcon.parse_args([*flags, "--out", str(killed), "--resume", str(killed / "checkpoint.pt")]))
 
