@@ -1,9 +1,24 @@
-"""Frozen-encoder evaluation shared by every method file.
+"""Frozen-encoder evaluation shared by every method file, the numbers behind the papers' figures, and the
+figures themselves.
 
 For each label level: a linear classifier on the frozen encoder's features (top-1 of the final
 iterate on the test set, never a best-epoch pick), a training-free weighted kNN (cosine, k = 20), and
 the same linear probe on the raw input as the floor a learned representation has to beat. Multi-label
 data gets a one-vs-rest linear layer with micro-F1, macro-F1 and mAP instead.
+
+Structure (results.json "embedding" and "probe_hierarchy", the second block of the printed report), on
+the L2-normalised test features:
+- total variance (sum of the per-dimension variances) and participation ratio (sum lambda)^2 / sum lambda^2
+  of the covariance eigenvalues, an effective number of dimensions: our reading of the "more variance in
+  the embeddings" that Ott et al. report for G-HMLC without defining it;
+- per level, the silhouette score (cosine, at most 2000 test samples drawn with a fixed seed);
+- per level below the coarsest, the coarse neighbour share: the share of classes whose nearest other class
+  centroid (cosine) has the same parent, beside its chance value (siblings / other classes, averaged);
+- for the linear probe's predictions: consistency per adjacent pair of levels (the finer prediction's
+  parent, from the training targets, is the coarser prediction) and mistake severity (over the wrong
+  finest-level predictions, the levels one climbs until the predicted and true paths agree: 1 = a
+  sibling, L = different at the root).
+Multi-label data gets the variance figures only.
 
 Protocols
 - fast (default): features are extracted once without augmentation; the probe is an L2-regularised
@@ -14,18 +29,32 @@ Protocols
   reference's main_linear.py: random crop and flip, no colour jitter or grayscale (composite canvases:
   their small shift and scale).
 
-Run on a checkpoint written by any method file:
-    python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt
+Convergence: `hold_out` cuts a class-stratified part off the training set and `knn_probe` scores it by
+weighted kNN during training (the method files log it to metrics.jsonl; bench/curves.py draws it).
+
+Run on checkpoints written by the method files (each gets its results.json):
+    python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt [runs/.../checkpoint.pt ...]
+t-SNE maps of their test embeddings instead (no probe): tsne.png holds a row per level and a column per
+checkpoint, tsne-METHOD-LEVEL.png each map on its own; the fine level is coloured in shades of its coarse
+class's hue:
+    python linear_eval.py --checkpoint runs/hdigits-supcon-.../checkpoint.pt runs/hdigits-mlcl-.../checkpoint.pt \\
+        --plot figures/
 """
 
 import argparse
+import colorsys
 import importlib
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.manifold import TSNE
+from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import data
@@ -126,7 +155,10 @@ def multilabel_metrics(scores, targets, threshold=0.0):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_outputs, multilabel, val_fraction=0.0, seed=0):
-    """Standardise, choose the L2 strength on a validation split if asked, fit on all of train, test."""
+    """Standardise, choose the L2 strength on a validation split if asked, fit on all of train, test.
+
+    Returns (scores, predictions): {"top1"} and class ids [N], or for multi-label data {"micro_f1",
+    "macro_f1", "map"} and 0/1 labels [N, K] (positive where the logit is above 0)."""
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     weight_decay = DEFAULT_WEIGHT_DECAY
@@ -142,26 +174,41 @@ def linear_probe(train_x, train_y, test_x, test_y, num_outputs, multilabel, val_
 
         weight_decay = max(WEIGHT_DECAYS, key=validation_score)
     weight, bias = fit_linear(train_x, train_y, num_outputs, multilabel, weight_decay)
-    logits = test_x @ weight.T + bias
-    return multilabel_metrics(logits, test_y) if multilabel else {"top1": top1(logits, test_y)}
+    return probe_scores(test_x @ weight.T + bias, test_y, multilabel)
+
+
+def probe_scores(logits, y, multilabel):
+    """(scores, predictions) of a linear probe's logits, as linear_probe returns them."""
+    if multilabel:
+        return multilabel_metrics(logits, y), (logits > 0).long()
+    return {"top1": top1(logits, y)}, logits.argmax(1)
+
+
+def knn_shares(bank_features, bank_targets, query_features, k=20, temperature=0.07, chunk=1024):
+    """Weighted kNN on cosine similarity: each of a query's k most similar bank samples votes
+    exp(sim / temperature) for each of its labels (`bank_targets`: multi-hot floats [N, K]); returns the
+    weighted share of the neighbours that carry each label, [Q, K] in [0, 1]."""
+    bank_features, query_features = F.normalize(bank_features, dim=1), F.normalize(query_features, dim=1)
+    k = min(k, len(bank_features))
+    shares = []
+    for start in range(0, len(query_features), chunk):
+        similarity = query_features[start : start + chunk] @ bank_features.T
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        weights = (top_similarity / temperature).exp()
+        votes = torch.einsum("qk,qkc->qc", weights, bank_targets[top_index].to(weights.dtype))
+        shares.append(votes / weights.sum(1, keepdim=True))
+    return torch.cat(shares)
 
 
 def knn_top1(train_features, train_y, test_features, test_y, num_classes, k=20, temperature=0.07, chunk=1024):
-    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / temperature)."""
-    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
-    k = min(k, len(train_features))
-    correct = 0
-    for start in range(0, len(test_features), chunk):
-        similarity = test_features[start : start + chunk] @ train_features.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(similarity), num_classes, dtype=similarity.dtype)
-        votes.scatter_add_(1, train_y[top_index], (top_similarity / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start : start + chunk]).sum().item()
-    return correct / len(test_features)
+    """Top-1 of the weighted kNN (knn_shares) with class ids: the class with the most weight is predicted."""
+    shares = knn_shares(train_features, F.one_hot(train_y, num_classes), test_features, k, temperature, chunk)
+    return (shares.argmax(1) == test_y).sum().item() / len(test_y)
 
 
 def supcon_protocol(encoder, train_set, test_set, device, epochs=100, lr=0.1, batch_size=256, seed=0):
-    """Linear layers on the frozen encoder, trained on augmented images; final-epoch test accuracy per level."""
+    """Linear layers on the frozen encoder, trained on augmented images; per level the final epoch's
+    (scores, predictions) on the test set, as linear_probe returns them."""
     info = train_set.info
     encoder.eval()
     with torch.no_grad():
@@ -185,8 +232,9 @@ def supcon_protocol(encoder, train_set, test_set, device, epochs=100, lr=0.1, ba
     test_y = test_set.targets.to(device)
     with torch.no_grad():
         if info.multilabel:
-            return [multilabel_metrics(heads[0](test_x).cpu(), test_y.cpu())]
-        return [{"top1": top1(head(test_x), test_y[:, level])} for level, head in enumerate(heads)]
+            return [probe_scores(heads[0](test_x).cpu(), test_y.cpu(), multilabel=True)]
+        return [probe_scores(head(test_x).cpu(), test_y[:, level].cpu(), multilabel=False)
+                for level, head in enumerate(heads)]
 
 
 def level_loss(logits, y, level, info):
@@ -195,9 +243,137 @@ def level_loss(logits, y, level, info):
     return F.cross_entropy(logits, y[:, level])
 
 
+# Structure of the embedding and of the probe's predictions: the numbers behind the papers' pictures.
+
+def class_paths(targets, level, num_classes):
+    """Each class of `level` with its ancestors, coarse -> fine, as hierarchical targets [N, L] show them:
+    [num_classes, level + 1]; -1 in the rows of classes the targets lack."""
+    paths = torch.full((num_classes, level + 1), -1, dtype=torch.long)
+    paths[targets[:, level]] = targets[:, : level + 1]
+    return paths
+
+
+def silhouette(features, labels, max_samples=2000, seed=0):
+    """Mean silhouette score, cosine distance, of `features` [N, D] grouped by `labels` [N], on at most
+    `max_samples` samples drawn with `seed` (the same draw for every labelling of N samples): in [-1, 1],
+    high where each sample is closer to its own class than to the next class."""
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} features but {len(labels)} labels")
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    features, labels = features[keep], labels[keep]
+    classes = len(labels.unique())
+    if not 2 <= classes < len(labels):
+        raise ValueError(f"a silhouette needs 2 to {len(labels) - 1} classes among {len(labels)} samples, "
+                         f"got {classes}")
+    return float(silhouette_score(features.double().numpy(), labels.numpy(), metric="cosine"))
+
+
+def class_parents(labels, parent_labels):
+    """(each sample's class index [N] in 0..C-1, each class's parent [C]) of the samples' labels [N] and
+    their parents' labels [N]."""
+    if labels.shape != parent_labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and parent labels {tuple(parent_labels.shape)} differ in shape")
+    classes, index = labels.unique(return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"the nearest other class needs 2 classes or more, got {len(classes)}")
+    parents = torch.empty(len(classes), dtype=parent_labels.dtype)
+    parents[index] = parent_labels
+    return index, parents
+
+
+def coarse_neighbour_share(features, labels, parent_labels):
+    """Share of the classes whose nearest other class has the same parent: each class's centroid is the mean
+    of its samples' `features` [N, D], "nearest" is by cosine similarity of the centroids; `labels` [N] are
+    one level's, `parent_labels` [N] the level above's. A representation that keeps the hierarchy puts
+    siblings next to each other (compare with coarse_neighbour_chance)."""
+    index, parents = class_parents(labels, parent_labels)
+    sums = torch.zeros(len(parents), features.shape[1], dtype=torch.float64).index_add_(0, index, features.double())
+    centroids = F.normalize(sums, dim=1)  # the count would cancel in the cosine
+    similarity = (centroids @ centroids.T).fill_diagonal_(-float("inf"))
+    return (parents[similarity.argmax(1)] == parents).double().mean().item()
+
+
+def coarse_neighbour_chance(labels, parent_labels):
+    """coarse_neighbour_share if each class's nearest other class were drawn at random among the others:
+    per class, its siblings / (classes - 1), averaged over the classes in `labels` [N]."""
+    _, parents = class_parents(labels, parent_labels)
+    siblings = (parents[:, None] == parents[None, :]).sum(1) - 1
+    return (siblings.double() / (len(parents) - 1)).mean().item()
+
+
+def total_variance(features):
+    """Sum over the dimensions of the per-dimension variance (divided by N) of `features` [N, D]; for
+    L2-normalised rows it is 1 - |mean feature|^2: 0 when all coincide, 1 when they average to zero."""
+    return features.double().var(0, unbiased=False).sum().item()
+
+
+def participation_ratio(features):
+    """(sum of eigenvalues)^2 / sum of squared eigenvalues of the covariance of `features` [N, D]: an
+    effective number of dimensions, from 1 (all variance along one direction) to D (isotropic). The
+    eigenvalues are never formed: their sum is the trace, their squares sum to the squared entries. NaN
+    for features without variance."""
+    centred = features.double() - features.double().mean(0)
+    covariance = centred.T @ centred / len(features)
+    return (covariance.trace() ** 2 / covariance.pow(2).sum()).item()
+
+
+def hierarchical_consistency(coarse_predictions, fine_predictions, parents):
+    """Share of the samples whose fine prediction's parent is their coarse prediction; `parents` maps each
+    fine class to its parent (-1 for a class of unknown parent, which never agrees)."""
+    if coarse_predictions.shape != fine_predictions.shape:
+        raise ValueError(f"{tuple(coarse_predictions.shape)} coarse but {tuple(fine_predictions.shape)} fine "
+                         "predictions")
+    return (parents[fine_predictions] == coarse_predictions).double().mean().item()
+
+
+def mistake_severity(fine_predictions, targets, paths):
+    """Mean tree distance of the wrong finest-level predictions: how many levels one climbs from the fine
+    level until the predicted and the true label paths agree, so 1 for a sibling of the true class and L
+    for a class that differs at the root. `targets` [N, L] are the true paths, `paths` [classes, L] each
+    finest class's path (class_paths; a class without one differs at the root). NaN without mistakes."""
+    if targets.shape[1] != paths.shape[1]:
+        raise ValueError(f"targets have {targets.shape[1]} levels but the class paths {paths.shape[1]}")
+    wrong = fine_predictions != targets[:, -1]
+    agreeing_levels = (paths[fine_predictions[wrong]] == targets[wrong]).long().cumprod(1).sum(1)
+    return (targets.shape[1] - agreeing_levels).double().mean().item()
+
+
+def embedding_structure(test_features, test_targets, info, max_samples=2000):
+    """The `embedding` record of results.json, on the L2-normalised test features: total variance and
+    participation ratio; for hierarchical data, per level the silhouette (at most `max_samples` samples)
+    and, below the coarsest level, the coarse neighbour share and its chance value."""
+    features = F.normalize(test_features, dim=1)
+    record = {"total_variance": total_variance(features), "participation_ratio": participation_ratio(features)}
+    if info.multilabel:
+        return record
+    names = info.level_names
+    record["silhouette"] = {name: silhouette(features, test_targets[:, level], max_samples)
+                            for level, name in enumerate(names)}
+    record["coarse_neighbour_share"] = {names[level]: coarse_neighbour_share(
+        features, test_targets[:, level], test_targets[:, level - 1]) for level in range(1, len(names))}
+    record["coarse_neighbour_chance"] = {names[level]: coarse_neighbour_chance(
+        test_targets[:, level], test_targets[:, level - 1]) for level in range(1, len(names))}
+    return record
+
+
+def probe_hierarchy(predictions, train_targets, test_targets, info):
+    """The `probe_hierarchy` record of results.json from the linear probe's test predictions (one [N] per
+    level): consistency of each adjacent pair of levels and the severity of the finest level's mistakes,
+    with the class tree read from the training targets."""
+    names, fine = info.level_names, len(info.level_names) - 1
+    consistency = {f"{names[level - 1]}->{names[level]}": hierarchical_consistency(
+        predictions[level - 1], predictions[level], class_paths(train_targets, level, info.num_classes[level])[:, -2])
+        for level in range(1, len(names))}
+    return {"consistency": consistency,
+            "mistake_severity": mistake_severity(predictions[fine], test_targets,
+                                                 class_paths(train_targets, fine, info.num_classes[fine])),
+            "mistakes": int((predictions[fine] != test_targets[:, fine]).sum())}
+
+
 def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction=0.0, seed=0, linear_epochs=100,
              classifier=None):
-    """Evaluate a frozen encoder on every label level; returns the `levels` record of results.json.
+    """Evaluate a frozen encoder on every label level; returns the results.json record: `levels` (the
+    probes' scores), `embedding` (embedding_structure) and, for hierarchical data, `probe_hierarchy`.
 
     `classifier`: a linear layer trained jointly with the encoder (mlcl.py's CE term), or None; its own
     test figures on the same features go into the record as "classifier".
@@ -212,16 +388,16 @@ def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction
     supcon_scores = supcon_protocol(encoder, train_set, test_set, device, epochs=linear_epochs, seed=seed) \
         if protocol == "supcon" else None
 
-    levels = {}
+    levels, predictions = {}, []
     for level, name in enumerate(info.level_names):
         if info.multilabel:
             train_y, test_y = train_targets.float(), test_targets.float()
         else:
             train_y, test_y = train_targets[:, level], test_targets[:, level]
         num_outputs = info.num_classes[level]
-        learned = supcon_scores[level] if supcon_scores else linear_probe(
+        learned, predicted = supcon_scores[level] if supcon_scores else linear_probe(
             train_features, train_y, test_features, test_y, num_outputs, info.multilabel, val_fraction, seed)
-        raw = linear_probe(train_raw, train_y, test_raw, test_y, num_outputs, info.multilabel, val_fraction, seed)
+        raw, _ = linear_probe(train_raw, train_y, test_raw, test_y, num_outputs, info.multilabel, val_fraction, seed)
         if info.multilabel:
             record = {**learned, **{f"raw_{key}": value for key, value in raw.items()}}
         else:
@@ -229,7 +405,11 @@ def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction
                       "knn_top1": knn_top1(train_features, train_y, test_features, test_y, num_outputs),
                       "raw_linear_top1": raw["top1"]}
         levels[name] = record
-    results = {"protocol": protocol, "levels": levels}
+        predictions.append(predicted)
+    results = {"protocol": protocol, "levels": levels,
+               "embedding": embedding_structure(test_features, test_targets, info)}
+    if not info.multilabel:
+        results["probe_hierarchy"] = probe_hierarchy(predictions, train_targets, test_targets, info)
     if classifier is not None:
         results["classifier"] = classifier_scores(classifier, test_features, test_targets, info, device)
     return results
@@ -246,7 +426,7 @@ def classifier_scores(classifier, test_features, test_targets, info, device):
 
 
 def report(results, out=None):
-    """Print the per-level table and write results.json into the run folder."""
+    """Print the per-level table and the structure block, and write results.json into the run folder."""
     print(f"\n{results.get('method', '?')} on {results.get('dataset', '?')} ({results['protocol']} protocol)")
     for name, record in results["levels"].items():
         print(f"  {name:>12}: " + "  ".join(f"{key} {value:.4f}" for key, value in record.items()))
@@ -254,14 +434,271 @@ def report(results, out=None):
         record = results["classifier"]
         print(f"  classifier trained with the encoder, on {record['level']}: "
               + "  ".join(f"{key} {value:.4f}" for key, value in record.items() if key != "level"))
+    if "embedding" in results:
+        print(structure_block(results))
     if out:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
 
 
+def structure_block(results):
+    """The lines of `report` on the embedding's structure and the probe's hierarchy."""
+    embedding = results["embedding"]
+    lines = [f"  embedding (L2-normalised test features): total variance {embedding['total_variance']:.4f}  "
+             f"participation ratio {embedding['participation_ratio']:.1f}"]
+    for name, value in embedding.get("silhouette", {}).items():
+        line = f"  {name:>12}: silhouette {value:.4f}"
+        if name in embedding["coarse_neighbour_share"]:
+            line += (f"  coarse neighbour share {embedding['coarse_neighbour_share'][name]:.4f} "
+                     f"(chance {embedding['coarse_neighbour_chance'][name]:.4f})")
+        lines.append(line)
+    if "probe_hierarchy" in results:
+        hierarchy = results["probe_hierarchy"]
+        fine = list(results["levels"])[-1]
+        lines.append("  linear probe: " + "".join(f"consistency {pair} {value:.4f}  "
+                                                 for pair, value in hierarchy["consistency"].items())
+                     + f"mistake severity {hierarchy['mistake_severity']:.3f} "
+                     f"over {hierarchy['mistakes']} wrong {fine} predictions")
+    return "\n".join(lines)
+
+
+# Convergence: probes the training loop runs on a held-out part of the training set.
+
+def hold_out(train_set, share, seed):
+    """(rest, held-out part) of a training set: the held-out part is round(share * N) samples, class-
+    stratified (data.stratified_indices, drawn from `seed`), the rest is everything else. For watching
+    convergence without ever touching the test set."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"the held-out share must lie in (0, 1), got {share}")
+    held_out = data.stratified_indices(train_set.targets.cpu(), share, seed)
+    rest = torch.ones(len(train_set), dtype=torch.bool)
+    rest[held_out] = False
+    if not rest.any():
+        raise ValueError(f"holding out {share} of {len(train_set)} samples leaves none to train on")
+    return train_set.subset(rest.nonzero().flatten()), train_set.subset(held_out)
+
+
+def knn_probe(encoder, bank_set, query_set, device):
+    """Weighted cosine kNN (k = 20) of `query_set`'s features against `bank_set`'s: {level name: top-1};
+    for multi-label data {level name: mAP} of the per-label kNN scores (the weighted share of neighbours
+    that carry the label). The encoder runs in eval mode without gradients; its mode is restored."""
+    info = bank_set.info
+    bank, query = extract_features(encoder, bank_set, device), extract_features(encoder, query_set, device)
+    bank_targets, query_targets = bank_set.targets.cpu(), query_set.targets.cpu()
+    if info.multilabel:
+        shares = knn_shares(bank, bank_targets.float(), query)
+        return {info.level_names[0]: multilabel_metrics(shares, query_targets)["map"]}
+    return {name: knn_top1(bank, bank_targets[:, level], query, query_targets[:, level], info.num_classes[level])
+            for level, name in enumerate(info.level_names)}
+
+
+# Pictures: t-SNE maps of the test embeddings, one row per level and one column per checkpoint.
+
+PANEL = 420  # pixels per side of one map
+
+
+def font(size):
+    """Pillow's bundled scalable font at `size` pixels (no font file needed)."""
+    return ImageFont.load_default(size)
+
+
+def class_colours(targets, level, num_classes):
+    """RGB colours [num_classes, 3] for one level's classes: each coarsest class has its own hue, and the
+    classes below it take lighter and darker shades of that hue, so a picture coloured by fine class still
+    shows the coarse groups. Classes absent from `targets` [N, L] are grey."""
+    roots = class_paths(targets, level, num_classes)[:, 0]
+    root_ids = roots[roots >= 0].unique().tolist()
+    colours = torch.full((num_classes, 3), 128, dtype=torch.uint8)
+    for hue_index, root in enumerate(root_ids):
+        members = (roots == root).nonzero().flatten().tolist()
+        for rank, member in enumerate(members):
+            shade = rank / max(1, len(members) - 1)  # 0 .. 1 across the siblings
+            hue = (hue_index + 0.4 * (shade - 0.5)) / len(root_ids)
+            red, green, blue = colorsys.hsv_to_rgb(hue % 1.0, 1.0 - 0.3 * shade, 1.0 - 0.5 * shade)
+            colours[member] = torch.tensor([round(255 * red), round(255 * green), round(255 * blue)])
+    return colours
+
+
+def tsne_map(features, seed=0):
+    """2-D t-SNE coordinates [N, 2] of L2-normalised `features` [N, D] (fixed seed)."""
+    features = F.normalize(features.double(), dim=1).numpy()
+    perplexity = min(30.0, (len(features) - 1) / 3)
+    # torch's OpenMP threads keep spinning beside scikit-learn's own OpenMP pool, which then runs t-SNE
+    # many times slower than on one thread.
+    with threadpool_limits(1, user_api="openmp"):
+        layout = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+    return torch.from_numpy(layout)
+
+
+def scatter_panel(coordinates, colours, size=PANEL, radius=3):
+    """A white size x size image of the points at `coordinates` [N, 2] (scaled to fit, aspect kept) in
+    `colours` [N, 3], drawn in the given order."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    low, span = coordinates.min(0).values, (coordinates.max(0).values - coordinates.min(0).values).max()
+    pixels = radius + 2 + (coordinates - low) / span.clamp(min=1e-12) * (size - 2 * radius - 4)
+    for (x, y), colour in zip(pixels.tolist(), colours.tolist()):
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(colour))
+    return image
+
+
+def plot_embeddings(embeddings, targets, info, out_dir, max_points=2000, seed=0):
+    """Write t-SNE maps of test embeddings into `out_dir`; returns the paths written.
+
+    `embeddings`: {column title (a method name): test features [N, D]}, all of the same test set with
+    hierarchical `targets` [N, L] and `info`. At most `max_points` samples (drawn with `seed`, the same for
+    every column) are mapped. Writes tsne-TITLE-LEVEL.png per column and level, and tsne.png with one row
+    per level and one column per title (the papers' layout); colours follow class_colours.
+    """
+    if info.multilabel:
+        raise ValueError(f"the maps are coloured by hierarchical labels; {info.name} is multi-label")
+    if not embeddings:
+        raise ValueError("no embeddings to plot")
+    for title, features in embeddings.items():
+        if len(features) != len(targets):
+            raise ValueError(f"{title}: {len(features)} features but {len(targets)} targets")
+    keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:max_points]
+    targets = targets.cpu()  # colours come from all of them, so that a class's shade does not depend on the draw
+    colours = [class_colours(targets, level, k)[targets[keep, level]] for level, k in enumerate(info.num_classes)]
+    os.makedirs(out_dir, exist_ok=True)
+    written, panels = [], {}
+    for title, features in embeddings.items():
+        coordinates = tsne_map(features[keep].cpu(), seed)
+        for level, name in enumerate(info.level_names):
+            panel = scatter_panel(coordinates, colours[level])
+            panels[title, name] = panel
+            single = Image.new("RGB", (PANEL, PANEL + 30), "white")
+            single.paste(panel, (0, 30))
+            caption = f"{title}: {info.name}, coloured by {name}"
+            ImageDraw.Draw(single).text((8, 4), caption, fill="black", font=font(18))
+            written.append(write_png(single, os.path.join(out_dir, f"tsne-{file_part(title)}-{file_part(name)}.png")))
+    figure = figure_grid(panels, list(embeddings), info, targets)
+    written.append(write_png(figure, os.path.join(out_dir, "tsne.png")))
+    return written
+
+
+def figure_grid(panels, titles, info, targets, gap=8, header=36, margin=120):
+    """The side-by-side figure: a column per title, a row per level, names on the top and on the left, and
+    the coarsest level's colours as a legend underneath."""
+    legend = legend_strip(f"{info.level_names[0]}:", class_colours(targets, 0, info.num_classes[0]),
+                          info.label_names[0], targets[:, 0].unique().tolist(), margin + len(titles) * (PANEL + gap))
+    height = header + len(info.level_names) * (PANEL + gap) + legend.height
+    figure = Image.new("RGB", (margin + len(titles) * (PANEL + gap), height), "white")
+    draw = ImageDraw.Draw(figure)
+    for column, title in enumerate(titles):
+        draw.text((margin + column * (PANEL + gap) + PANEL // 2, header // 2), title, fill="black", font=font(22),
+                  anchor="mm")
+    for row, name in enumerate(info.level_names):
+        top = header + row * (PANEL + gap)
+        draw.text((margin - 10, top + PANEL // 2), name, fill="black", font=font(22), anchor="rm")
+        for column, title in enumerate(titles):
+            left = margin + column * (PANEL + gap)
+            figure.paste(panels[title, name], (left, top))
+            draw.rectangle((left, top, left + PANEL - 1, top + PANEL - 1), outline=(200, 200, 200))
+    figure.paste(legend, (0, height - legend.height))
+    return figure
+
+
+def legend_strip(heading, colours, names, present, width, size=16):
+    """`heading`, then swatches and names of the classes in `present`, wrapped into lines of `width` pixels."""
+    entries = [(colours[index], str(names[index])[:20]) for index in present]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    indent = 16 + int(measure.textlength(heading, font=font(size)))
+    lines, line, used = [], [], indent
+    for colour, name in entries:
+        entry_width = size + 6 + int(measure.textlength(name, font=font(size))) + 16
+        if line and used + entry_width > width:
+            lines.append(line)
+            line, used = [], indent
+        line.append((colour, name, used))
+        used += entry_width
+    lines.append(line)
+    strip = Image.new("RGB", (width, 10 + len(lines) * (size + 8)), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((8, 4 + size // 2), heading, fill="black", font=font(size), anchor="lm")
+    for row, line in enumerate(lines):
+        top = 4 + row * (size + 8)
+        for colour, name, left in line:
+            draw.rectangle((left, top, left + size, top + size), fill=tuple(colour.tolist()))
+            draw.text((left + size + 6, top + size // 2), name, fill="black", font=font(size), anchor="lm")
+    return strip
+
+
+def file_part(text):
+    """`text` made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def write_png(image, path):
+    """Write a PIL image as a PNG (with Pillow: torchvision 0.29 deprecates its image encoders); returns the path."""
+    image.save(path, format="PNG")
+    return path
+
+
+# Command line.
+
+def read_checkpoint(path):
+    """(state, config, method module) of a checkpoint written by a method file; one line if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config, method_file = SimpleNamespace(**state["config"]), state["method_file"]
+    except Exception as error:
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+    return state, config, importlib.import_module(os.path.splitext(method_file)[0])
+
+
+def load_split(config, data_dir, split):
+    """The split of the checkpoint's dataset it was trained (train: with its --fraction) or tested on."""
+    options = dict(download=False, seed=config.seed, image_size=config.image_size,
+                   release=getattr(config, "wos_release", None))  # checkpoints older than --wos-release lack it
+    fraction = config.fraction if split == "train" else 1.0
+    return data.load_or_exit(config.dataset, data_dir or config.data_dir, split, fraction=fraction, **options)
+
+
+def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_epochs=100, data_dir=None):
+    """Evaluate one checkpoint's frozen encoder; prints the report and writes results.json beside it."""
+    state, config, method = read_checkpoint(path)
+    train_set = load_split(config, data_dir, "train")
+    test_set = load_split(config, data_dir, "test")
+    model = method.build_model(config, train_set.info)
+    model.load_state_dict(state["model"])
+    results = evaluate(model.encoder.to(device), train_set, test_set, device, protocol, val_fraction,
+                       config.seed, linear_epochs, classifier=getattr(model.to(device), "classifier", None))
+    results = {"method": state["method"], "dataset": config.dataset, "fraction": config.fraction,
+               "train_samples": len(train_set), **results}
+    report(results, os.path.dirname(os.path.abspath(path)))
+    return results
+
+
+def plot_checkpoints(paths, out_dir, device, data_dir=None, max_points=2000):
+    """plot_embeddings for the test embeddings of checkpoints of one dataset, a column each, titled by the
+    method (and the run folder where two share a method); returns the paths written."""
+    runs = [read_checkpoint(path) for path in paths]
+    datasets = sorted({config.dataset for _, config, _ in runs})
+    if len(datasets) > 1:
+        raise ValueError(f"a figure holds one dataset; the checkpoints hold {', '.join(datasets)}")
+    methods = [state["method"] for state, _, _ in runs]
+    embeddings = {}
+    for path, (state, config, method) in zip(paths, runs):
+        test_set = load_split(config, data_dir, "test")
+        targets, info = test_set.targets.cpu(), test_set.info
+        model = method.build_model(config, info)
+        model.load_state_dict(state["model"])
+        title = state["method"] if methods.count(state["method"]) == 1 else \
+            f"{state['method']} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
+        embeddings[title] = extract_features(model.encoder.to(device), test_set, device)
+    return plot_embeddings(embeddings, targets, info, out_dir, max_points)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Linear evaluation of a checkpoint's frozen encoder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by a method file")
+    """Evaluate each checkpoint (results.json beside it), or with --plot only draw their t-SNE maps."""
+    p = argparse.ArgumentParser(description="Linear evaluation of checkpoints' frozen encoders, or their t-SNE maps")
+    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint.pt files written by the method files")
+    p.add_argument("--plot", metavar="DIR", default=None,
+                   help="only draw t-SNE maps of the checkpoints' test embeddings into DIR (no probe, no "
+                        "results.json): tsne.png has a row per level and a column per checkpoint")
+    p.add_argument("--max-points", type=int, default=2000,
+                   help="at most this many test samples per t-SNE map (--plot; default 2000)")
     p.add_argument("--protocol", choices=("fast", "supcon"), default="fast", help="see the module docstring")
     p.add_argument("--val-fraction", type=float, default=0.0, help="validation split for the L2 strength (0: fixed)")
     p.add_argument("--linear-epochs", type=int, default=100, help="epochs of the supcon protocol's linear training")
@@ -272,28 +709,18 @@ def main(argv=None):
         p.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     if args.linear_epochs < 1:
         p.error(f"--linear-epochs must be positive, got {args.linear_epochs}")
-    if not os.path.isfile(args.checkpoint):
-        p.error(f"no checkpoint at {args.checkpoint}")
-    try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        config, method_file = SimpleNamespace(**state["config"]), state["method_file"]
-    except Exception as error:
-        raise SystemExit(f"cannot read checkpoint {args.checkpoint}: {error}") from error
+    if args.max_points < 2:
+        p.error(f"--max-points must be at least 2, got {args.max_points}")
+    for path in args.checkpoint:
+        if not os.path.isfile(path):
+            p.error(f"no checkpoint at {path}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    method = importlib.import_module(os.path.splitext(method_file)[0])
-    options = dict(download=False, seed=config.seed, image_size=config.image_size,
-                   release=getattr(config, "wos_release", None))  # checkpoints older than --wos-release lack it
-    data_dir = args.data_dir or config.data_dir
-    train_set = data.load_or_exit(config.dataset, data_dir, "train", fraction=config.fraction, **options)
-    test_set = data.load_or_exit(config.dataset, data_dir, "test", **options)
-    model = method.build_model(config, train_set.info)
-    model.load_state_dict(state["model"])
-    results = evaluate(model.encoder.to(device), train_set, test_set, device, args.protocol, args.val_fraction,
-                       config.seed, args.linear_epochs, classifier=getattr(model.to(device), "classifier", None))
-    results = {"method": state["method"], "dataset": config.dataset, "fraction": config.fraction,
-               "train_samples": len(train_set), **results}
-    report(results, os.path.dirname(os.path.abspath(args.checkpoint)))
-    return results
+    if args.plot:
+        written = plot_checkpoints(args.checkpoint, args.plot, device, args.data_dir, args.max_points)
+        print("wrote " + " ".join(written))
+        return written
+    return [evaluate_checkpoint(path, device, args.protocol, args.val_fraction, args.linear_epochs, args.data_dir)
+            for path in args.checkpoint]
 
 
 if __name__ == "__main__":
