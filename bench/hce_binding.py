@@ -2,18 +2,17 @@
 
 HCE makes a coarser level's loss at least the largest finer-level loss. The reference code (and
 `hmlc_loss`) takes that maximum between the levels' *mean* losses over the batch; the paper's Eq. 6/7
-write it per pair. This script trains the HMCE baseline (`hmlc_gmm.py --mask none`), then feeds it
+write it per pair. This script takes trained HMCE checkpoints (`hmlc_gmm.py --mask none`), feeds each
 the training views of one epoch (same augmentation as in training, model in eval mode) and counts,
-before training and after it:
+for the trained model and for an untrained one built from the same seed:
 - batches in which the level-mean maximum binds (a coarser level's mean loss below a finer one's),
   and by how much it lifts the total;
 - anchors for which a per-anchor maximum would bind (the paper's reading).
 
-    python bench/hce_binding.py --seeds 0 1 2        # hdigits, the preset's 25 epochs, ~2 CPU minutes a seed
+    python bench/hce_binding.py runs/claims/hdigits-HMCE-f1-s*/checkpoint.pt   # the runs of bench/claims.py
 """
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -68,28 +67,26 @@ def binding(model, train_set, args, seed):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--out", default="runs/hce_binding")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of hmlc_gmm.py --mask none runs")
     args = p.parse_args()
     rows = {"untrained": [], "trained": []}
-    for seed in args.seeds:
-        run_args = hmlc_gmm.parse_args(["--mask", "none", "--epochs", str(args.epochs), "--seed", str(seed),
-                                        "--no-eval", "--device", "cpu", "--out", f"{args.out}/seed{seed}"])
-        torch.manual_seed(seed)
-        train_set = data.load(run_args.dataset, run_args.data_dir, "train", seed=seed)
-        untrained = hmlc_gmm.build_model(run_args, train_set.info)
-        rows["untrained"].append(binding(untrained, train_set, run_args, seed))
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            hmlc_gmm.train(run_args)
+    for path in args.checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        run_args = argparse.Namespace(**state["config"])
+        if state["method"] != "hmlc_gmm" or run_args.mask != "none":
+            raise SystemExit(f"{path} is not an HMCE run (hmlc_gmm.py --mask none)")
+        train_set = data.load(run_args.dataset, run_args.data_dir, "train", seed=run_args.seed)
+        torch.manual_seed(run_args.seed)
+        rows["untrained"].append(binding(hmlc_gmm.build_model(run_args, train_set.info), train_set, run_args,
+                                         run_args.seed))
         trained = hmlc_gmm.build_model(run_args, train_set.info)
-        state = torch.load(f"{args.out}/seed{seed}/checkpoint.pt", map_location="cpu", weights_only=False)
         trained.load_state_dict(state["model"])
-        rows["trained"].append(binding(trained, train_set, run_args, seed))
-        print(f"seed {seed}: untrained {rows['untrained'][-1]}, trained {rows['trained'][-1]}", flush=True)
-    print(f"\nmachine: {platform.machine()} CPU, torch {torch.__version__}; hdigits, HMCE "
-          f"(hmlc_gmm.py --mask none), {args.epochs} epochs, seeds {args.seeds}\n")
-    print("| model | batches where the level-mean max binds | mean relative lift of the total loss | anchors where a per-anchor max would bind |")
+        rows["trained"].append(binding(trained, train_set, run_args, run_args.seed))
+        print(f"{path}: untrained {rows['untrained'][-1]}, trained {rows['trained'][-1]}", flush=True)
+    print(f"\nmachine: {platform.machine()} CPU, torch {torch.__version__}; {run_args.dataset}, HMCE "
+          f"(hmlc_gmm.py --mask none), {run_args.epochs} epochs, {len(args.checkpoints)} checkpoints\n")
+    print("| model | batches where the level-mean max binds | mean relative lift of the total loss | "
+          "anchors where a per-anchor max would bind |")
     print("|---|---|---|---|")
     for name, records in rows.items():
         cells = [mean_std([r[key] for r in records]) for key in ("batches_bound", "mean_lift", "anchors_bound")]
