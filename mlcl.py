@@ -163,10 +163,11 @@ def mlcl_loss(features, pos_masks, temperatures, weights=None, anchor_masks=None
 
     contrast = features.transpose(1, 2).reshape(heads, views * batch, -1)  # [H, N, D], view-major
     logits = torch.bmm(contrast, contrast.transpose(1, 2)) / temperatures[:, None, None]  # [H, N, N]
-    is_self = torch.eye(views * batch, dtype=torch.bool, device=features.device)
-    # Excluding self (A(i) leaves out i) before the softmax keeps every logit finite for any input scale.
-    log_prob = torch.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=2)
-    positives = (pos_masks != 0).repeat(1, views, views) & ~is_self  # P_h(i), [H, N, N]
+    # A(i) leaves out i itself; excluding it before the softmax keeps every logit finite for any input scale.
+    logits.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    log_prob = torch.log_softmax(logits, dim=2)
+    positives = (pos_masks != 0).repeat(1, views, views)  # P_h(i), [H, N, N]
+    positives.diagonal(dim1=1, dim2=2).fill_(False)
     positive_count = positives.sum(2)
     per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # l_i^h, [H, N]
     counted = positive_count > 0
