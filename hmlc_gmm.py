@@ -58,8 +58,9 @@ does, what we do, and the flag; tests/test_hmlc.py pins each row.
     trained hdigits model (bench/hce_binding.md), how often the maximum changes a level's loss.
     GMM per sample, in practice: on N(0, 1) rows with 3 levels the coarsest mask holds only positive
     entries, so coarse-level cosines are never negative (with 2 levels, 87 % positive); on trained
-    hdigits embeddings it holds about 1 of 128 dimensions and coarse negatives sit at cosine 0.65
-    (bench/feature_masks.md): the coarse level sees almost nothing, which is why G-HMLC trails HMCE here.
+    hdigits embeddings it holds about 1 of 128 dimensions, all of them positive entries, and coarse
+    negatives sit at cosine 0.65 (bench/feature_masks.md): the coarse level sees almost nothing, which is
+    why G-HMLC trails HMCE here.
 """
 
 import argparse

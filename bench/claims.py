@@ -9,7 +9,8 @@ The hdigits runs on the full training set hold out 10 % of it for the convergenc
 every method alike; their checkpoints also make the t-SNE figures. Finished runs are reused, so an
 interrupted sweep goes on where it stopped.
 
-    python bench/claims.py --jobs 2         # about an hour on a 2-core CPU; writes bench/claims.md
+    python bench/claims.py --jobs 2         # about an hour on a 2-core CPU; writes bench/claims.md and
+                                            # the figures in bench/figures/
 """
 
 import argparse
@@ -175,6 +176,7 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
     p.add_argument("--runs", default="runs/claims", help="folder for the individual runs")
     p.add_argument("--markdown", default="bench/claims.md")
+    p.add_argument("--figures", default="bench/figures", help="folder for the t-SNE maps and convergence curves")
     args = p.parse_args()
     runs = os.path.join(ROOT, args.runs)
     started, results = time.time(), {}
@@ -194,6 +196,21 @@ def main():
     with open(os.path.join(ROOT, args.markdown), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    figures(runs, args.seeds, args.figures)
+
+
+def figures(runs, seeds, folder):
+    """The papers' pictures from these runs: t-SNE maps of seed 0's test embeddings (MLCL's Fig. 3/5,
+    Ott et al.'s Fig. 4) and the convergence curves of SupCon and MLCL over every seed."""
+    def checkpoint(name):
+        return os.path.join(run_folder(runs, name, "hdigits", 1.0, seeds[0]), "checkpoint.pt")
+
+    for tag, names in (("supcon-mlcl", ["SupCon", "MLCL"]), ("hmce-ghmlc-ahmlc", ["HMCE", "G-HMLC", "A-HMLC"])):
+        subprocess.run([sys.executable, "linear_eval.py", "--checkpoint", *map(checkpoint, names), "--device", "cpu",
+                        "--plot", os.path.join(folder, f"tsne-{tag}")], cwd=ROOT, check=True)
+    curves = [run_folder(runs, name, "hdigits", 1.0, seed) for name in ("SupCon", "MLCL") for seed in seeds]
+    subprocess.run([sys.executable, "bench/curves.py", *curves, "--out", os.path.join(folder, "curves-supcon-mlcl.png")],
+                   cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":
