@@ -1,20 +1,39 @@
 """Datasets, label conventions and batched two-view augmentation shared by every method file.
 
-Label conventions: hierarchical targets are a LongTensor [L] ordered coarse -> fine with
-global ids at every level (a fine id implies its ancestors); multi-label targets are a multi-hot
-FloatTensor [K].
-
     ds = data.load("hdigits", "./data", "train")        # a torch Dataset of (x, y) with ds.info
     views = data.two_views(x, ds.info, generator)        # [2, B, C, H, W], per-sample random parameters
 
-Image datasets are held as uint8 tensors ("resident": the training loop moves them to the GPU once and
-slices batches there); `hmnist` composes its images lazily, and `to_device` composes them all once, in
-batches, when they fit (otherwise they go through a DataLoader). `training_views` yields an epoch of
-augmented views: batched on the device (`--aug gpu`) or through the reference PIL pipeline in DataLoader
-workers (`--aug torchvision`). Point clouds
-(`modelnet40`, `shapes`) are resident float32 tensors [N, P, 3], unit-sphere normalised. Text
-(`wos`, `20newsgroups`, `skdocs`, `skdocs-multilabel`) is resident as hashed word ids [N, 256]
-(LongTensor, 0 = padding; see TEXT_LENGTH); `rcv1` keeps its TF-IDF matrix sparse and densifies batches.
+The catalogue, in the order of the sections below (`load` reaches each loader through LOADERS):
+
+    name                loader             levels, coarse -> fine (classes)      source
+    hdigits             hdigits_split      category (10) -> class (10 x 10)      scikit-learn's 8x8 digits, composed
+    hdigits-multilabel  hdigits_split      digits (10), multi-hot                the same images: which digits appear
+    hmnist              HierarchicalMNIST  category (10) -> class (10 x 10)      MNIST idx files, downloaded (md5)
+    cifar100            cifar100_split     superclass (20) -> class (100)        the python pickles, downloaded (md5)
+    modelnet40          modelnet40_split   group (8, ours) -> class (40)         ModelNet40 .txt or .off files, by hand
+    shapes              shapes_split       surface (2) -> shape (8)              procedural meshes, made at load time
+    wos                 wos_split          domain (7) -> area (133)              WOS-46985 (or 11967, 5736), by hand
+    20newsgroups        newsgroups_split   top (7) -> group (20)                 downloaded by scikit-learn (sha256)
+    rcv1                rcv1_split         topics (103), multi-hot, in 4 roots   downloaded by scikit-learn (sha256)
+    skdocs              skdocs_split       module (~30) -> estimator (~190)      scikit-learn's own docstrings, offline
+    skdocs-multilabel   skdocs_split       estimator types (4), multi-hot        the same documents
+
+"By hand": no checksummed source, so the error names the files and layout to put under the data folder;
+skdocs' counts follow the installed scikit-learn.
+
+Labels: hierarchical targets are a LongTensor [L] ordered coarse -> fine with global ids at every level
+(a fine id implies its ancestors); multi-label targets are a multi-hot FloatTensor [K].
+
+Inputs: images are uint8 tensors [N, C, H, W], kept resident (the training loop moves them to the GPU
+once and slices batches there; hmnist is composed lazily, and `to_device` composes it once when it
+fits); point clouds float32 [N, P, 3], unit-sphere normalised; text hashed word ids [N, TEXT_LENGTH]
+(0 = padding), but rcv1 keeps its TF-IDF matrix sparse and densifies batches. `training_views` yields an
+epoch of augmented views, made on the device (`--aug gpu`) or by the reference PIL pipeline in
+DataLoader workers (`--aug torchvision`).
+
+Sections: errors and downloads; dataset containers; one per dataset family, in the catalogue's order;
+the entry point `load` with its stratified splits and subsets; batches and devices; network inputs and
+augmentation.
 """
 
 import functools
@@ -39,6 +58,10 @@ from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+
+# --------------------------------------------------------------------------------------------------
+# Errors and downloads
+# --------------------------------------------------------------------------------------------------
 
 class DataError(ValueError):
     """A problem with a dataset's files (missing, malformed, not downloadable) that the user can fix, as
@@ -68,13 +91,27 @@ def download_or_explain(download, what, source, size, target, by_hand):
         raise DataError(f"could not download {what} from {source} ({reason}); {by_hand}") from error
 
 
+def sklearn_fetch(fetch, download, what, source, size, target, by_hand):
+    """What scikit-learn's fetcher `fetch` returns: from its cache, else downloaded (if allowed) by it."""
+    try:
+        return fetch(download_if_missing=False)
+    except OSError as error:  # scikit-learn's "not found"
+        if not download:
+            raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}") from error
+    return download_or_explain(lambda: fetch(download_if_missing=True), what, source, size, target, by_hand)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset containers
+# --------------------------------------------------------------------------------------------------
+
 @dataclass
 class DatasetInfo:
     """What a method script needs to know about a dataset."""
 
     name: str
     modality: str  # "image", "points" or "text"
-    level_names: list  # coarse -> fine; for multi-label data a single "labels" entry
+    level_names: list  # coarse -> fine; for multi-label data a single entry
     num_classes: list  # one per level (multi-label: [K])
     multilabel: bool
     label_names: list  # one list of names per level
@@ -124,6 +161,37 @@ class PointCloudDataset(ResidentDataset):
         return self.inputs
 
 
+class TextDataset(ResidentDataset):
+    """Documents as hashed word ids, a LongTensor [N, TEXT_LENGTH] (0 = padding), and their targets."""
+
+
+class TfidfDataset(Dataset):
+    """TF-IDF rows kept as a scipy sparse matrix [N, D] (rcv1: 47,236 columns) and their targets.
+
+    Items come back dense (float32). Too large to densify whole, so it is not resident: batches go
+    through a DataLoader, which densifies one batch at a time (`__getitems__`).
+    """
+
+    def __init__(self, matrix, targets, info):
+        if matrix.shape[0] != len(targets):
+            raise ValueError(f"{matrix.shape[0]} documents but {len(targets)} targets")
+        self.matrix, self.targets, self.info = matrix, targets, info
+
+    def __len__(self):
+        return self.matrix.shape[0]
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.matrix[[index]].toarray()[0]), self.targets[index]
+
+    def __getitems__(self, indices):
+        rows = torch.from_numpy(self.matrix[np.asarray(indices)].toarray())
+        return list(zip(rows, self.targets[torch.as_tensor(indices)]))
+
+    def subset(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return TfidfDataset(self.matrix[indices.numpy()], self.targets[indices], self.info)
+
+
 class IndexedSubset(Dataset):
     """A subset of a lazily composed dataset that keeps `info` and `targets`."""
 
@@ -142,10 +210,11 @@ class IndexedSubset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
-# hdigits: scikit-learn's bundled 8x8 handwritten digits composed like hierarchical MNIST.
+# hdigits and hmnist: a big central digit (the class) and a small one in the ring around it (the category)
 # --------------------------------------------------------------------------------------------------
 
 DIGIT_NAMES = [str(d) for d in range(10)]
+COMPOSITE_NAMES = [f"{k}/{c}" for k in range(10) for c in range(10)]  # "category/class"
 
 
 def ring_positions(canvas, centre_start, centre_end, patch):
@@ -172,6 +241,8 @@ def compose_digits(central, small, corners):
     canvas[batch, r, c] = torch.maximum(canvas[batch, r, c], small)
     return canvas.reshape(n, 1, canvas_size, canvas_size)
 
+
+# hdigits: scikit-learn's bundled 8x8 handwritten digits, composed at load time on a 32x32 canvas.
 
 def hdigits_split(split, size, multilabel):
     """Compose `size` 32x32 hierarchical digits; train and test draw on disjoint halves of the source digits."""
@@ -212,79 +283,13 @@ def hdigits_split(split, size, multilabel):
         info = DatasetInfo("hdigits-multilabel", "image", ["digits"], [10], True, [DIGIT_NAMES], augment="canvas")
     else:
         targets = torch.stack([category, fine], dim=1)
-        fine_names = [f"{k}/{c}" for k in range(10) for c in range(10)]
         info = DatasetInfo("hdigits", "image", ["category", "class"], [10, 100], False,
-                           [DIGIT_NAMES, fine_names], augment="canvas")
+                           [DIGIT_NAMES, COMPOSITE_NAMES], augment="canvas")
     info.mean, info.std = (0.1,), (0.25,)
     return ImageTensorDataset(canvas, targets, info)
 
 
-# --------------------------------------------------------------------------------------------------
-# CIFAR-100 from the python pickles (torchvision's CIFAR100 drops the coarse labels).
-# --------------------------------------------------------------------------------------------------
-
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-# Superclass of each of the 100 classes, in the order of the pickles' fine label ids.
-FINE_TO_COARSE = [
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
-]
-
-
-def cifar100_split(root, split, download):
-    folder = os.path.join(root, "cifar-100-python")
-    path, meta_path = os.path.join(folder, split), os.path.join(folder, "meta")
-    missing = [name for name in (path, meta_path) if not os.path.exists(name)]
-    unpack = f"unpack cifar-100-python.tar.gz into {root} so that {folder} holds train, test and meta"
-    if missing and not download:
-        raise DataError(f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
-    if missing:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        by_hand = f"put cifar-100-python.tar.gz (md5 {CIFAR100_MD5}) into {root} and run again, or {unpack}"
-
-        download_or_explain(lambda: download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5),
-                            "CIFAR-100", CIFAR100_URL, "161 MiB, md5-checked", root, by_hand)
-    entry = read_pickle(path, (b"data", b"fine_labels", b"coarse_labels"))
-    meta = read_pickle(meta_path, (b"coarse_label_names", b"fine_label_names"))
-    try:
-        images = torch.from_numpy(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        fine = torch.tensor(entry[b"fine_labels"], dtype=torch.long)
-        coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
-    except (ValueError, TypeError) as error:
-        raise DataError(f"{path}: not a CIFAR-100 batch of 3x32x32 images with integer labels ({error})") from error
-    if not len(images) == len(fine) == len(coarse):
-        raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
-    if len(fine) and not 0 <= fine.min() <= fine.max() < 100:
-        raise DataError(f"{path}: fine labels outside 0..99")
-    if not torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]):
-        raise DataError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
-    names = [[n.decode() for n in meta[b"coarse_label_names"]], [n.decode() for n in meta[b"fine_label_names"]]]
-    info = DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, names, channels=3,
-                       mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
-    return ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
-
-
-def read_pickle(path, keys):
-    """A CIFAR python pickle: a dict with bytes keys, checked to hold `keys`."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-    except Exception as error:  # a truncated or foreign pickle raises any of a dozen types
-        raise DataError(f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt? ({error!r})") from error
-    missing = [key.decode() for key in keys if not isinstance(entry, dict) or key not in entry]
-    if missing:
-        raise DataError(f"{path}: a CIFAR-100 pickle without {', '.join(missing)}")
-    return entry
-
-
-# --------------------------------------------------------------------------------------------------
-# Hierarchical MNIST (Ott et al.): a big central MNIST digit and a small one in the ring around it.
-# --------------------------------------------------------------------------------------------------
+# hmnist: Hierarchical MNIST (Ott et al.), composed on demand from the MNIST idx files.
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -351,7 +356,7 @@ class HierarchicalMNIST(Dataset):
         category = self.digit_labels[self.small_index]
         self.targets = torch.stack([category, 10 * category + self.digit_labels], dim=1)
         self.info = DatasetInfo("hmnist", "image", ["category", "class"], [10, 100], False,
-                                [DIGIT_NAMES, [f"{k}/{c}" for k in range(10) for c in range(10)]],
+                                [DIGIT_NAMES, COMPOSITE_NAMES],
                                 image_size=image_size, mean=(0.05,), std=(0.2,), augment="canvas")
 
     def __len__(self):
@@ -376,9 +381,70 @@ class HierarchicalMNIST(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
-# Point clouds: ModelNet40 (resampled text files, or Princeton's OFF meshes) and procedural shapes.
+# cifar100: the python pickles (torchvision's CIFAR100 drops the coarse labels)
 # --------------------------------------------------------------------------------------------------
 
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# Superclass of each of the 100 classes, in the order of the pickles' fine label ids.
+FINE_TO_COARSE = [
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+]
+
+
+def cifar100_split(root, split, download):
+    folder = os.path.join(root, "cifar-100-python")
+    path, meta_path = os.path.join(folder, split), os.path.join(folder, "meta")
+    missing = [name for name in (path, meta_path) if not os.path.exists(name)]
+    unpack = f"unpack cifar-100-python.tar.gz into {root} so that {folder} holds train, test and meta"
+    if missing and not download:
+        raise DataError(f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
+    if missing:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        by_hand = f"put cifar-100-python.tar.gz (md5 {CIFAR100_MD5}) into {root} and run again, or {unpack}"
+        download_or_explain(lambda: download_and_extract_archive(CIFAR100_URL, root, md5=CIFAR100_MD5),
+                            "CIFAR-100", CIFAR100_URL, "161 MiB, md5-checked", root, by_hand)
+    entry = read_pickle(path, (b"data", b"fine_labels", b"coarse_labels"))
+    meta = read_pickle(meta_path, (b"coarse_label_names", b"fine_label_names"))
+    try:
+        images = torch.from_numpy(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        fine = torch.tensor(entry[b"fine_labels"], dtype=torch.long)
+        coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path}: not a CIFAR-100 batch of 3x32x32 images with integer labels ({error})") from error
+    if not len(images) == len(fine) == len(coarse):
+        raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
+    if len(fine) and not 0 <= fine.min() <= fine.max() < 100:
+        raise DataError(f"{path}: fine labels outside 0..99")
+    if not torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]):
+        raise DataError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
+    names = [[n.decode() for n in meta[b"coarse_label_names"]], [n.decode() for n in meta[b"fine_label_names"]]]
+    info = DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, names, channels=3,
+                       mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
+    return ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
+
+
+def read_pickle(path, keys):
+    """A CIFAR python pickle: a dict with bytes keys, checked to hold `keys`."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as error:  # a truncated or foreign pickle raises any of a dozen types
+        raise DataError(f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt? ({error!r})") from error
+    missing = [key.decode() for key in keys if not isinstance(entry, dict) or key not in entry]
+    if missing:
+        raise DataError(f"{path}: a CIFAR-100 pickle without {', '.join(missing)}")
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------
+# modelnet40 and shapes: point clouds sampled from surfaces, unit-sphere normalised
+# --------------------------------------------------------------------------------------------------
 
 def unit_sphere(points):
     """Centre each cloud [..., P, 3] at its mean and divide by its largest point norm (max norm 1)."""
@@ -408,40 +474,7 @@ def sample_surface(triangles, count, rng):
     return (1 - s) * a[offset, face] + s * (1 - r2) * b[offset, face] + s * r2 * c[offset, face]
 
 
-def read_off(path):
-    """(vertices [V, 3], triangles [F, 3]) of an OFF mesh; polygons with more corners become fans.
-
-    Princeton's ModelNet files sometimes glue the counts to the magic word: "OFF490 518 0".
-    """
-    with open(path, errors="replace") as f:  # a binary file is then "not an OFF file", not a UnicodeDecodeError
-        lines = [line.split("#")[0].strip() for line in f]
-    lines = [line for line in lines if line]
-    if not lines or not lines[0].startswith("OFF"):
-        raise DataError(f"{path} is not an OFF file (it starts with {lines[:1]})")
-    try:
-        counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
-        num_vertices, num_faces = int(counts[0]), int(counts[1])
-        vertex_lines = lines[start : start + num_vertices]
-        face_lines = lines[start + num_vertices : start + num_vertices + num_faces]
-        if len(vertex_lines) != num_vertices or len(face_lines) != num_faces:
-            raise ValueError(f"the header announces {num_vertices} vertices and {num_faces} faces")
-        vertices = np.array([line.split()[:3] for line in vertex_lines], dtype=np.float64).reshape(num_vertices, 3)
-        tokens = " ".join(face_lines).split()
-        if len(tokens) == 4 * num_faces and all(count == "3" for count in tokens[0::4]):  # triangles only
-            faces = np.array(tokens, dtype=np.int64).reshape(num_faces, 4)[:, 1:]
-        else:
-            faces = []
-            for line in face_lines:
-                corners = [int(t) for t in line.split()]
-                polygon = corners[1 : 1 + corners[0]]
-                faces += [(polygon[0], polygon[k], polygon[k + 1]) for k in range(1, len(polygon) - 1)]
-            faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
-    except (ValueError, IndexError) as error:
-        raise DataError(f"{path}: malformed OFF file ({error})") from error
-    if len(faces) == 0 or faces.min() < 0 or faces.max() >= num_vertices:
-        raise DataError(f"{path}: face indices must lie in [0, {num_vertices})")
-    return vertices, faces
-
+# modelnet40: resampled text files (PointNet++) or Princeton's OFF meshes, parsed once and cached.
 
 MODELNET40_CLASSES = [
     "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
@@ -575,6 +608,43 @@ def read_meshes(files, split, points):
     return clouds, fine
 
 
+def read_off(path):
+    """(vertices [V, 3], triangles [F, 3]) of an OFF mesh; polygons with more corners become fans.
+
+    Princeton's ModelNet files sometimes glue the counts to the magic word: "OFF490 518 0".
+    """
+    with open(path, errors="replace") as f:  # a binary file is then "not an OFF file", not a UnicodeDecodeError
+        lines = [line.split("#")[0].strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines or not lines[0].startswith("OFF"):
+        raise DataError(f"{path} is not an OFF file (it starts with {lines[:1]})")
+    try:
+        counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
+        num_vertices, num_faces = int(counts[0]), int(counts[1])
+        vertex_lines = lines[start : start + num_vertices]
+        face_lines = lines[start + num_vertices : start + num_vertices + num_faces]
+        if len(vertex_lines) != num_vertices or len(face_lines) != num_faces:
+            raise ValueError(f"the header announces {num_vertices} vertices and {num_faces} faces")
+        vertices = np.array([line.split()[:3] for line in vertex_lines], dtype=np.float64).reshape(num_vertices, 3)
+        tokens = " ".join(face_lines).split()
+        if len(tokens) == 4 * num_faces and all(count == "3" for count in tokens[0::4]):  # triangles only
+            faces = np.array(tokens, dtype=np.int64).reshape(num_faces, 4)[:, 1:]
+        else:
+            faces = []
+            for line in face_lines:
+                corners = [int(t) for t in line.split()]
+                polygon = corners[1 : 1 + corners[0]]
+                faces += [(polygon[0], polygon[k], polygon[k + 1]) for k in range(1, len(polygon) - 1)]
+            faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
+    except (ValueError, IndexError) as error:
+        raise DataError(f"{path}: malformed OFF file ({error})") from error
+    if len(faces) == 0 or faces.min() < 0 or faces.max() >= num_vertices:
+        raise DataError(f"{path}: face indices must lie in [0, {num_vertices})")
+    return vertices, faces
+
+
+# shapes: procedural meshes with random proportions, sampled at load time.
+
 SHAPES = ["sphere", "ellipsoid", "torus", "cylinder", "cone", "cube", "box", "pyramid"]  # 5 curved, 3 flat
 
 
@@ -660,13 +730,12 @@ def shapes_split(split, size, points=256):
 
 
 # --------------------------------------------------------------------------------------------------
-# Text: documents as fixed-length rows of hashed word ids; n-grams are hashed per batch.
+# Text: wos, 20newsgroups, rcv1 and skdocs; all but rcv1 (TF-IDF) as hashed word ids
 # --------------------------------------------------------------------------------------------------
 
-# A document is a LongTensor [TEXT_LENGTH] of its first TEXT_LENGTH word ids, 0-padded. A word's id is
-# the CRC-32 of its lower-cased text mod TEXT_BUCKETS, plus 1 (0 is padding): no vocabulary is built or
-# stored, and the ids are the same on every machine. Bigrams are hashed from adjacent word ids when a
-# batch goes into the encoder (`ngram_ids`), after the views have dropped and shuffled words.
+# A document is a LongTensor [TEXT_LENGTH] of its first TEXT_LENGTH word ids, 0-padded. Words are hashed
+# (`hash_token`), so no vocabulary is built or stored and the ids are the same on every machine. Bigrams
+# are hashed per batch (`ngram_ids`), after the views have dropped and shuffled words.
 TEXT_LENGTH = 256
 TEXT_BUCKETS = 2 ** 18
 MASK = "[MASK]"  # stands for a masked word (skdocs masks the estimator's own name); one token
@@ -694,68 +763,6 @@ def encode_texts(texts, length=TEXT_LENGTH, buckets=TEXT_BUCKETS):
     return torch.from_numpy(ids)
 
 
-def ngram_ids(words, buckets=TEXT_BUCKETS):
-    """Word ids [B, T] -> hashed uni- and bigram ids [B, 2T - 1]: the words, then one id per adjacent
-    pair, ((a * 0x9E3779B1 + b * 0x7FEB352D) mod buckets) + 1, or 0 where either word is padding.
-    Words and bigrams share the buckets, as in fastText."""
-    first, second = words[:, :-1], words[:, 1:]
-    bigrams = (first * 0x9E3779B1 + second * 0x7FEB352D) % buckets + 1
-    bigrams = torch.where((first > 0) & (second > 0), bigrams, torch.zeros_like(bigrams))
-    return torch.cat([words, bigrams], dim=1)
-
-
-def text_view(words, generator, drop=0.1, window=3.0):
-    """Token dropout and local shuffle of word ids [B, T], every word of every sample drawn on its own.
-
-    A word is dropped with probability `drop`; a kept word at position t is sorted by t + U[0, window), so
-    it only trades places with words less than `window` positions away. Kept words are packed to the
-    front in that order and the rest is padding (0), so padding stays padding.
-    """
-    length = words.shape[1]
-    jitter = window * torch.rand(words.shape, generator=generator, device=words.device)
-    keep = (words > 0) & (torch.rand(words.shape, generator=generator, device=words.device) >= drop)
-    key = torch.arange(length, device=words.device) + jitter + (~keep) * (2.0 * length + window)
-    order = key.argsort(dim=1)
-    return torch.where(keep.gather(1, order), words.gather(1, order), torch.zeros_like(words))
-
-
-def tfidf_view(x, generator, drop=0.1):
-    """A view of TF-IDF rows [B, D]: every entry dropped with probability `drop`, rows L2-renormalised."""
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= drop
-    return F.normalize(x.float() * keep, dim=1)
-
-
-class TextDataset(ResidentDataset):
-    """Documents as hashed word ids, a LongTensor [N, TEXT_LENGTH] (0 = padding), and their targets."""
-
-
-class TfidfDataset(Dataset):
-    """TF-IDF rows kept as a scipy sparse matrix [N, D] (rcv1: 47,236 columns) and their targets.
-
-    Items come back dense (float32). Too large to densify whole, so it is not resident: batches go
-    through a DataLoader, which densifies one batch at a time (`__getitems__`).
-    """
-
-    def __init__(self, matrix, targets, info):
-        if matrix.shape[0] != len(targets):
-            raise ValueError(f"{matrix.shape[0]} documents but {len(targets)} targets")
-        self.matrix, self.targets, self.info = matrix, targets, info
-
-    def __len__(self):
-        return self.matrix.shape[0]
-
-    def __getitem__(self, index):
-        return torch.from_numpy(self.matrix[[index]].toarray()[0]), self.targets[index]
-
-    def __getitems__(self, indices):
-        rows = torch.from_numpy(self.matrix[np.asarray(indices)].toarray())
-        return list(zip(rows, self.targets[torch.as_tensor(indices)]))
-
-    def subset(self, indices):
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return TfidfDataset(self.matrix[indices.numpy()], self.targets[indices], self.info)
-
-
 def text_info(name, level_names, label_names, multilabel=False, **extra):
     """DatasetInfo of a text dataset; word-id inputs record their bucket count and length in `extra`."""
     if extra.get("input") != "tfidf":
@@ -764,34 +771,7 @@ def text_info(name, level_names, label_names, multilabel=False, **extra):
                        label_names, channels=0, image_size=0, mean=(), std=(), augment="text", extra=extra)
 
 
-def split_indices(keys, split, test_fraction=0.2, seed=0):
-    """Indices of a fixed class-stratified train/test split: round(test_fraction * n) of each class's n
-    members go to test. The seed is fixed (not the run's), so every method sees the same split."""
-    chosen = []
-    for members in shuffled_classes(keys, seed):
-        cut = round(test_fraction * len(members))
-        chosen.append(members[:cut] if split == "test" else members[cut:])
-    return torch.cat(chosen).sort().values
-
-
-def shuffled_classes(keys, seed):
-    """Each class's sample indices (classes in sorted order), shuffled by one generator seeded with `seed`."""
-    keys = torch.as_tensor(keys)
-    generator = torch.Generator().manual_seed(seed)
-    for key in keys.unique():
-        members = (keys == key).nonzero().flatten()
-        yield members[torch.randperm(len(members), generator=generator)]
-
-
-def read_lines(path):
-    """The lines of a text file split on "\n" only (a trailing "\r" dropped): str.splitlines also splits
-    on "\x85", "\u2028" and others, which can occur inside an abstract and would shift texts against labels."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        lines = f.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
+# wos: Web of Science abstracts (Kowsari et al., HDLTex), fetched by hand.
 
 WOS_URL = ("https://data.mendeley.com/public-files/datasets/9rw3vkcfy4/files/"
            "c9ea673d-5542-44c0-ab7b-f1311f7d61df/file_downloaded")  # WebOfScience.zip, Mendeley Data v6
@@ -845,15 +825,17 @@ def read_label_file(path, expected, text_path):
     return torch.tensor([int(line) for line in lines], dtype=torch.long)
 
 
-def sklearn_fetch(fetch, download, what, source, size, target, by_hand):
-    """What scikit-learn's fetcher `fetch` returns: from its cache, else downloaded (if allowed) by it."""
-    try:
-        return fetch(download_if_missing=False)
-    except OSError as error:  # scikit-learn's "not found"
-        if not download:
-            raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}") from error
-    return download_or_explain(lambda: fetch(download_if_missing=True), what, source, size, target, by_hand)
+def read_lines(path):
+    """The lines of a text file split on "\n" only (a trailing "\r" dropped): str.splitlines also splits
+    on "\x85", "\u2028" and others, which can occur inside an abstract and would shift texts against labels."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
+
+# 20newsgroups: scikit-learn's fetcher.
 
 def newsgroups_split(root, split, download):
     """20 Newsgroups (bydate split) through sklearn's fetch_20newsgroups, headers, footers and quotes
@@ -872,6 +854,8 @@ def newsgroups_split(root, split, download):
     info = text_info("20newsgroups", ["top", "group"], [tops, groups])
     return TextDataset(encode_texts(bunch.data), torch.stack([coarse, fine], dim=1), info)
 
+
+# rcv1: scikit-learn's fetcher, TF-IDF vectors kept sparse.
 
 RCV1_ROOTS = ("CCAT", "ECAT", "GCAT", "MCAT")
 
@@ -907,6 +891,8 @@ def rcv1_split(root, split, download, test_size=20_000):
                      label_groups=groups)
     return TfidfDataset(inputs, targets, info)
 
+
+# skdocs and skdocs-multilabel: scikit-learn's own estimator docstrings.
 
 ESTIMATOR_TYPES = ("classifier", "regressor", "transformer", "clusterer")
 
@@ -1010,7 +996,7 @@ def skdocs_split(split, multilabel):
 
 
 # --------------------------------------------------------------------------------------------------
-# The entry point
+# The entry point: load, with its class-stratified splits and subsets
 # --------------------------------------------------------------------------------------------------
 
 # Each loader: (root, split, download, seed, **options) -> Dataset with .info and .targets.
@@ -1041,11 +1027,12 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
     `download` fetches a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups,
     rcv1) into `root`, off by default here (the scripts turn it on; `--no-download` turns it off).
     Problems with the files raise DataError. `fraction` keeps round(fraction * N) of the N training
-    samples, class-stratified (`stratified_indices`), drawn from `seed` (the same subset for every method). Options: `size` (hdigits composites;
-    5000 train / 1000 test by default), `image_size` (hmnist canvas, 192 as in the paper), `size` and
-    `points` (shapes: 2000 train / 800 test clouds of 256 points), `points` and `groups` (modelnet40:
-    1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000 of the 781,265 test documents; None keeps all),
-    `release` (wos: "46985", "11967" or "5736"); options a dataset does not use are ignored.
+    samples, class-stratified (`stratified_indices`), drawn from `seed` (the same subset for every
+    method). Options: `size` (hdigits composites; 5000 train / 1000 test by default), `image_size`
+    (hmnist canvas, 192 as in the paper), `size` and `points` (shapes: 2000 train / 800 test clouds of
+    256 points), `points` and `groups` (modelnet40: 1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000
+    of the 781,265 test documents; None keeps all), `release` (wos: "46985", "11967" or "5736");
+    options a dataset does not use are ignored.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -1077,6 +1064,29 @@ def stratified_indices(targets, fraction, seed):
     counts[by_remainder[:missing]] += 1
     return torch.cat([members[:count] for members, count in zip(classes, counts.tolist())]).sort().values
 
+
+def split_indices(keys, split, test_fraction=0.2, seed=0):
+    """Indices of a fixed class-stratified train/test split: round(test_fraction * n) of each class's n
+    members go to test. The seed is fixed (not the run's), so every method sees the same split."""
+    chosen = []
+    for members in shuffled_classes(keys, seed):
+        cut = round(test_fraction * len(members))
+        chosen.append(members[:cut] if split == "test" else members[cut:])
+    return torch.cat(chosen).sort().values
+
+
+def shuffled_classes(keys, seed):
+    """Each class's sample indices (classes in sorted order), shuffled by one generator seeded with `seed`."""
+    keys = torch.as_tensor(keys)
+    generator = torch.Generator().manual_seed(seed)
+    for key in keys.unique():
+        members = (keys == key).nonzero().flatten()
+        yield members[torch.randperm(len(members), generator=generator)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches and devices
+# --------------------------------------------------------------------------------------------------
 
 def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0):
     """One epoch of shuffled training batches (x, y) on `device`; every rank gets an equal shard.
@@ -1128,8 +1138,16 @@ def to_device(dataset, device, max_bytes=8 << 30):
 
 
 # --------------------------------------------------------------------------------------------------
-# Batched augmentation with per-sample random parameters
+# Network inputs and batched augmentation with per-sample random parameters
 # --------------------------------------------------------------------------------------------------
+
+def normalize(x, info):
+    """The un-augmented network input of a batch: standardised uint8 images [B, C, H, W], float points [B, P, 3]."""
+    if info.modality == "points":
+        return x.float()
+    if info.modality == "text":  # hashed uni- and bigram ids of word ids [B, T], or TF-IDF rows as they are
+        return x.float() if info.extra["input"] == "tfidf" else ngram_ids(x, info.extra["buckets"])
+    return standardize(x.float() / 255.0, info)
 
 
 def standardize(x, info):
@@ -1139,13 +1157,14 @@ def standardize(x, info):
     return (x - mean) / std
 
 
-def normalize(x, info):
-    """The un-augmented network input of a batch: standardised uint8 images [B, C, H, W], float points [B, P, 3]."""
-    if info.modality == "points":
-        return x.float()
-    if info.modality == "text":  # hashed uni- and bigram ids of word ids [B, T], or TF-IDF rows as they are
-        return x.float() if info.extra["input"] == "tfidf" else ngram_ids(x, info.extra["buckets"])
-    return standardize(x.float() / 255.0, info)
+def ngram_ids(words, buckets=TEXT_BUCKETS):
+    """Word ids [B, T] -> hashed uni- and bigram ids [B, 2T - 1]: the words, then one id per adjacent
+    pair, ((a * 0x9E3779B1 + b * 0x7FEB352D) mod buckets) + 1, or 0 where either word is padding.
+    Words and bigrams share the buckets, as in fastText."""
+    first, second = words[:, :-1], words[:, 1:]
+    bigrams = (first * 0x9E3779B1 + second * 0x7FEB352D) % buckets + 1
+    bigrams = torch.where((first > 0) & (second > 0), bigrams, torch.zeros_like(bigrams))
+    return torch.cat([words, bigrams], dim=1)
 
 
 def uniform(low, high, n, generator, device):
@@ -1232,6 +1251,27 @@ def augment_points(x, generator, keep=(0.5, 1.0), scale=(2 / 3, 3 / 2), shift=0.
     x = x * uniform(*scale, (n, 1, 3), generator, device) + uniform(-shift, shift, (n, 1, 3), generator, device)
     noise = torch.randn(x.shape, generator=generator, device=device) * sigma
     return x + noise.clamp(-clip, clip)
+
+
+def text_view(words, generator, drop=0.1, window=3.0):
+    """Token dropout and local shuffle of word ids [B, T], every word of every sample drawn on its own.
+
+    A word is dropped with probability `drop`; a kept word at position t is sorted by t + U[0, window), so
+    it only trades places with words less than `window` positions away. Kept words are packed to the
+    front in that order and the rest is padding (0), so padding stays padding.
+    """
+    length = words.shape[1]
+    jitter = window * torch.rand(words.shape, generator=generator, device=words.device)
+    keep = (words > 0) & (torch.rand(words.shape, generator=generator, device=words.device) >= drop)
+    key = torch.arange(length, device=words.device) + jitter + (~keep) * (2.0 * length + window)
+    order = key.argsort(dim=1)
+    return torch.where(keep.gather(1, order), words.gather(1, order), torch.zeros_like(words))
+
+
+def tfidf_view(x, generator, drop=0.1):
+    """A view of TF-IDF rows [B, D]: every entry dropped with probability `drop`, rows L2-renormalised."""
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= drop
+    return F.normalize(x.float() * keep, dim=1)
 
 
 def augment(x, info, generator, colour=True):
