@@ -109,6 +109,12 @@ def claims(results):
         measure = "mAP" if dataset == "hdigits-multilabel" else "finest-level linear top-1"
         rows.append(("MLCL beats SupCon", dataset, measure, "MLCL", "SupCon", values("MLCL", dataset, 1.0, finest_score),
                      values("SupCon", dataset, 1.0, finest_score)))
+
+    def macro_f1(r):  # mAP is near 1 on hdigits-multilabel, so the thresholded F1 tells more apart
+        return list(r["levels"].values())[0]["macro_f1"]
+
+    rows.append(("MLCL beats SupCon", "hdigits-multilabel", "macro-F1", "MLCL", "SupCon",
+                 values("MLCL", "hdigits-multilabel", 1.0, macro_f1), values("SupCon", "hdigits-multilabel", 1.0, macro_f1)))
     rows.append(("MLCL beats SupCon, without the CE term", "skdocs", "finest-level linear top-1", "MLCL without CE",
                  "SupCon", values("MLCL without CE", "skdocs", 1.0, finest_score),
                  values("SupCon", "skdocs", 1.0, finest_score)))

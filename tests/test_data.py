@@ -815,6 +815,7 @@ def image_set(images, info):
 
 
 def epoch_views(dataset, aug, seed=0, batch_size=16, workers=0):
+    torch.manual_seed(seed)  # torchvision's transforms draw from the global generator: the same views in any test order
     return list(data.training_views(dataset, dataset.info, aug, batch_size, torch.Generator().manual_seed(seed),
                                     torch.Generator().manual_seed(seed + 1), torch.device("cpu"), workers=workers))
 
