@@ -220,18 +220,15 @@ def method_loss(model, views, targets, args, info):
     shared embedding's HMCE with --shared-term)."""
     num_views, batch = views.shape[:2]
     levels, shared = model(views.flatten(0, 1))  # [L, V*B, D], [V*B, D] or None
+    global_targets = gather_across_ranks(targets)
 
-    def per_sample(z):  # [K, V*B, D] -> [K, B_global, V, D]
+    def hmce(z):  # [K, V*B, D] of this rank -> HMCE on the global batch
         z = z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)  # [B, K, V, D]
-        return gather_across_ranks(z).transpose(0, 1)
+        return hmlc_loss(gather_across_ranks(z).transpose(0, 1), global_targets, args.temperature, args.loss_type,
+                         args.level_weight_base, check_finite=False)
 
-    targets = gather_across_ranks(targets)
-    loss = hmlc_loss(per_sample(levels), targets, args.temperature, args.loss_type,
-                     args.level_weight_base, check_finite=False)
-    if shared is not None:
-        loss = loss + hmlc_loss(per_sample(shared[None]), targets, args.temperature, args.loss_type,
-                                args.level_weight_base, check_finite=False)
-    return loss
+    loss = hmce(levels)
+    return loss if shared is None else loss + hmce(shared[None])
 
 
 def build_model(args, info):

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from compare import run_once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_EVERY = 65  # 15 probes over hdigits' 25 epochs x 35 steps
 
@@ -40,11 +42,12 @@ FRACTIONS_ON = {"hdigits"}  # f = 0.1 runs only where the little-data claim is m
 
 
 def jobs(seeds):
-    for name, (script, datasets, fractions) in VARIANTS.items():
+    """(variant, dataset, fraction, seed) of every run."""
+    for name, (_, datasets, fractions) in VARIANTS.items():
         for dataset in datasets:
             for fraction in fractions if dataset in FRACTIONS_ON else [1.0]:
                 for seed in seeds:
-                    yield name, script, dataset, fraction, seed
+                    yield name, dataset, fraction, seed
 
 
 def run_folder(runs, name, dataset, fraction, seed):
@@ -52,18 +55,12 @@ def run_folder(runs, name, dataset, fraction, seed):
 
 
 def run(job, runs):
-    """One training run in its own process (one thread, so that --jobs runs share the cores); its results."""
-    name, script, dataset, fraction, seed = job
+    """One training run in its own process (compare.run_once: a finished run is reused); its results with the
+    mean of its convergence probes."""
+    name, dataset, fraction, seed = job
     out = run_folder(runs, name, dataset, fraction, seed)
-    if not os.path.exists(os.path.join(out, "results.json")):
-        subprocess.run(["rm", "-rf", out], check=True)
-        probe = ["--eval-every", str(PROBE_EVERY)] if dataset == "hdigits" and fraction == 1.0 else []
-        command = [sys.executable, *script, "--dataset", dataset, "--fraction", str(fraction), "--seed", str(seed),
-                   "--device", "cpu", "--out", out, *probe]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(command, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
+    probe = ["--eval-every", str(PROBE_EVERY)] if dataset == "hdigits" and fraction == 1.0 else []
+    results = run_once(VARIANTS[name][0], fraction, seed, out, ["--dataset", dataset, "--device", "cpu", *probe])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         probes = [line["probe_knn_top1"] for line in map(json.loads, f) if "step" in line]
     results["probe_mean"] = {level: statistics.mean(p[level] for p in probes) for level in probes[0]} if probes else {}
@@ -102,7 +99,7 @@ def cell(values):
 def claims(results):
     """[(claim, dataset, measure, favoured variant's values, other's values)]."""
     def values(name, dataset, fraction, measure):
-        return [measure(r) for (n, _, d, f, _), r in results.items() if (n, d, f) == (name, dataset, fraction)]
+        return [measure(r) for (n, d, f, _), r in results.items() if (n, d, f) == (name, dataset, fraction)]
 
     rows = []
     for dataset in ("hdigits", "shapes", "skdocs"):
@@ -158,7 +155,7 @@ def claims(results):
 def details(results):
     """One line per (variant, dataset, fraction): every number behind the claims, mean ± std over seeds."""
     groups = {}
-    for (name, _, dataset, fraction, _), r in results.items():
+    for (name, dataset, fraction, _), r in results.items():
         groups.setdefault((dataset, fraction, name), []).append(r)
     lines = ["| dataset | f | variant | linear top-1 per level (mAP: multi-label) | silhouette per level | "
              "coarse-neighbour share (chance) | participation ratio | consistency | mistake severity |",
@@ -192,10 +189,11 @@ def main():
     args = p.parse_args()
     runs = os.path.join(ROOT, args.runs)
     started, results = time.time(), {}
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread per run, so that --jobs runs share the cores
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for job, record in pool.map(lambda job: run(job, runs), list(jobs(args.seeds))):
-            results[job[:1] + (None,) + job[2:]] = record
-            print(f"[{time.time() - started:5.0f}s] {job[0]} {job[2]} f={job[3]:g} seed {job[4]}: "
+            results[job] = record
+            print(f"[{time.time() - started:5.0f}s] {job[0]} {job[1]} f={job[2]:g} seed {job[3]}: "
                   f"{finest_score(record):.3f}", flush=True)
     lines = [f"Command: `python bench/claims.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.jobs} runs at a time; seeds {args.seeds}; "

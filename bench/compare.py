@@ -32,7 +32,7 @@ def run_once(script_args, fraction, seed, out, common):
     with open(results_path) as f:
         results = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        epochs = [json.loads(line) for line in f]
+        epochs = [record for record in map(json.loads, f) if "views_per_s" in record]  # not the probe lines
     results["views_per_s"] = statistics.mean(e["views_per_s"] for e in epochs)
     return results
 

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import hmlc_gmm  # noqa: E402
+import mlcl  # noqa: E402
 from compare import mean_std  # noqa: E402
 
 
@@ -32,8 +33,7 @@ def anchor_level_losses(z, labels, temperature):
     is_self = torch.eye(views * batch, dtype=torch.bool)
     log_prob = torch.log_softmax((contrast @ contrast.T / temperature).masked_fill(is_self, float("-inf")), dim=1)
     losses = []
-    for level in range(labels.shape[1]):
-        same_path = (labels[:, None, : level + 1] == labels[None, :, : level + 1]).all(2)
+    for same_path in mlcl.hierarchical_masks(labels):  # [B, B] per level, coarse -> fine
         positives = same_path.repeat(views, views) & ~is_self
         count = positives.sum(1)
         loss = -torch.where(positives, log_prob, 0.0).sum(1) / count.clamp(min=1)
