@@ -29,10 +29,12 @@ the flag; tests/test_supcon_loss.py pins each row.
 """
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import random
-import sys
+import signal
 import time
 
 import numpy as np
@@ -140,11 +142,15 @@ def positive_mask(targets):
     return targets[:, -1, None] == targets[None, :, -1]
 
 
-def method_loss(model, views, targets, args, info):
-    """views [V, B, ...] -> SupCon loss on the global batch."""
+def method_forward(model, views, targets):
+    """views [V, B, ...] -> (z [B, V, D],): what the loss reads, sample-major so that chunks concatenate."""
     num_views, batch = views.shape[:2]
-    z = model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1)  # [B, V, D]
-    z, targets = gather_across_ranks(z), gather_across_ranks(targets)
+    return (model(views.flatten(0, 1)).view(num_views, batch, -1).transpose(0, 1),)
+
+
+def method_loss(outputs, targets, args, info):
+    """SupCon on the global batch of this rank's (z [B, V, D],) and targets [B, ...]."""
+    z, targets = gather_across_ranks(outputs[0]), gather_across_ranks(targets)
     return supcon_loss(z, mask=positive_mask(targets), temperature=args.temperature,
                        base_temperature=args.base_temperature, check_finite=False)
 
@@ -337,6 +343,12 @@ def parse_args(argv=None):
                         "PIL transforms per image in DataLoader workers (images only, for speed comparisons)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype (the losses stay fp32): auto is bf16 on GPUs that have it natively, fp16 "
+                        "with a loss scaler on older ones (T4, V100), fp32 on a CPU")
+    p.add_argument("--chunks", default="auto",
+                   help="compute each step's batch in this many chunks of samples (gradient caching): the gradient of "
+                        "that many DDP ranks, in a chunk's memory; auto: 1 on a CPU, the fewest that fit on a GPU")
     p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
@@ -361,6 +373,8 @@ def parse_args(argv=None):
         p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
     if args.eval_every < 0 or not 0.0 < args.probe_share < 1.0:
         p.error("--eval-every must not be negative and --probe-share must lie in (0, 1)")
+    if args.chunks != "auto" and not (args.chunks.isdigit() and int(args.chunks) > 0):
+        p.error(f"--chunks must be a positive integer or auto, got {args.chunks!r}")
     check_method_arguments(p, args)
     return args
 
@@ -426,10 +440,99 @@ def setup_distributed(args):
     return dist.get_rank(), world_size, device
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision, device):
+    """auto: bf16 on GPUs that have it natively (Ampere and newer), fp16 with a loss scaler before them
+    (T4, V100), fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def training_step(model, views, targets, args, info, chunks, autocast, scaler):
+    """Forward, loss and backward of one step (gradients scaled by `scaler`); returns the loss.
+
+    chunks > 1 is gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory
+    Limited Setup", 2021): every chunk of samples is embedded without a graph, the loss and its gradient
+    with respect to the embeddings are taken on the whole batch, then each chunk is embedded again and
+    back-propagated with its part of that gradient, so memory is that of one chunk. BatchNorm normalises
+    each chunk on its own: the gradient is that of `chunks` DDP ranks with the batch split between them
+    (how the SupCon reference trained, on 8 GPUs). Every chunk starts from the step's buffers and only
+    chunk 0's BatchNorm statistics are kept, as DDP keeps rank 0's. We chose this over activation
+    checkpointing (full-batch BatchNorm) because that cuts memory by a fixed factor, while chunks cut it
+    as far as a card needs.
+    """
+    if chunks == 1:
+        with autocast:
+            loss = method_loss(method_forward(model, views, targets), targets, args, info)
+        scaler.scale(loss).backward()
+        return loss
+    sizes = [len(part) for part in torch.arange(views.shape[1]).tensor_split(chunks)]
+    step_buffers = [buffer.clone() for buffer in model.buffers()]
+
+    def embed(index):
+        for buffer, value in zip(model.buffers(), step_buffers):
+            buffer.copy_(value)
+        with autocast:
+            return method_forward(model, views.split(sizes, 1)[index], targets.split(sizes)[index])
+
+    with torch.no_grad():
+        parts = [embed(index) for index in range(chunks)]
+    cached = [None if part[0] is None else torch.cat(part).requires_grad_() for part in zip(*parts)]
+    with autocast:
+        loss = method_loss(cached, targets, args, info)
+    scaler.scale(loss).backward()
+    for index in reversed(range(chunks)):  # chunk 0 last: its buffers stay, and DDP reduces the gradients then
+        with model.no_sync() if index > 0 and hasattr(model, "no_sync") else contextlib.nullcontext():
+            pairs = [(output, cache.grad.split(sizes)[index]) for output, cache in zip(embed(index), cached)
+                     if cache is not None and cache.grad is not None]
+            torch.autograd.backward(*zip(*pairs))
+    return loss
+
+
+def fewest_chunks(model, views, targets, autocast, device):
+    """--chunks auto on a GPU: (chunks, fits, peak bytes) for the fewest chunks, 1, 2, 4, ..., in which one
+    chunk's forward and backward fit, tried on a real batch; buffers and gradients are left as they were."""
+    step_buffers = [buffer.clone() for buffer in model.buffers()]
+    chunks, batch = 1, views.shape[1]
+    while True:
+        size = -(-batch // chunks)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with autocast:
+                outputs = method_forward(model, views[:, :size], targets[:size])
+            sum(output.float().sum() for output in outputs if output is not None).backward()
+            fits = True
+        except torch.OutOfMemoryError:
+            fits = False
+        outputs = None
+        model.zero_grad(set_to_none=True)
+        for buffer, value in zip(model.buffers(), step_buffers):
+            buffer.copy_(value)
+        torch.cuda.empty_cache()
+        if fits or size == 1:
+            return chunks, fits, torch.cuda.max_memory_allocated(device)
+        chunks *= 2
+
+
+def any_rank(flag, world_size, device):
+    """True on every rank when `flag` is true on one: ranks must agree to leave the loop at the same step."""
+    if world_size == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 def train(args):
     rank, world_size, device = setup_distributed(args)
     seed_everything(args.seed)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    default_out = os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out)
     if world_size > 1:  # every rank writes into rank 0's run folder
         shared = [args.out]
         dist.broadcast_object_list(shared)
@@ -441,11 +544,14 @@ def train(args):
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
+    # Rank 0 downloads a missing dataset first, so that no two ranks write the same files; the others wait
+    # in a gloo group of their own whose deadline no download reaches (nccl's watchdog would end them).
+    download_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world_size > 1 else None
     if rank > 0:
-        dist.barrier()  # rank 0 downloads a missing dataset first, so that no two ranks write the same files
+        dist.barrier(group=download_wait)
     train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
     if rank == 0 and world_size > 1:
-        dist.barrier()
+        dist.barrier(group=download_wait)
     if args.eval_every:  # the convergence probe never looks at the test set
         train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
     info = train_set.info
@@ -463,28 +569,60 @@ def train(args):
     core = model.module if world_size > 1 else model
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    steps = data.steps_per_epoch(train_set, args.batch_size, world_size)
+    _, rank_batch, steps = data.rank_shape(len(train_set), args.batch_size, world_size)
     total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
+    precision = resolve_precision(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs its loss scaled
     start_epoch, start_step, start_losses = 0, 0, []
     if resumed:
         core.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
         start_epoch, start_step = resumed["epoch"], resumed["step"]
         start_losses = [loss.to(device) for loss in resumed["losses"]]
         random.setstate(resumed["rng"]["python"])
         np.random.set_state(resumed["rng"]["numpy"])
         torch.set_rng_state(resumed["rng"]["torch"])
 
+    if args.chunks != "auto":
+        chunks = int(args.chunks)
+    elif device.type == "cuda":  # try the step on a real batch in 1, 2, 4, ... chunks; keep the fewest that fit
+        views, y = next(iter(data.training_views(resident, info, args.aug, args.batch_size, torch.Generator(),
+                                                 torch.Generator(device), device, rank, world_size, args.workers)))
+        chunks, fits, peak = fewest_chunks(core, views, y, autocast, device)
+        if world_size > 1:
+            agreed = torch.tensor([chunks, 1 - fits], device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            chunks, fits = int(agreed[0]), not agreed[1]
+        if not fits:
+            raise SystemExit(f"out of memory: a step of one sample does not fit on {device}; lower --image-size or "
+                             f"use a smaller --arch")
+        if rank == 0:
+            tried = " or ".join(f"{count} chunks" for count in [1 << k for k in range(chunks.bit_length() - 1)])
+            print(f"memory: {rank_batch} samples a step " + (f"did not fit in {tried}; chose --chunks {chunks}"
+                  if chunks > 1 else "fit in one piece") + f", peak {peak / 2**30:.1f} GiB of "
+                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
+        del views, y
+    else:
+        chunks = 1
+    if chunks > rank_batch:
+        raise SystemExit(f"--chunks {chunks} is more than the {rank_batch} samples of a step on each rank")
+    if chunks > 1 and args.sync_bn:
+        raise SystemExit("--sync-bn with --chunks above 1 cannot be exact (each chunk's statistics would be synced "
+                         "across ranks but not across chunks); use one or the other")
+
     def checkpoint(epoch, step=0, losses=()):
         """After `epoch` epochs and `step` steps of the next one, whose losses so far are kept for its mean."""
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
-                "step": step, "losses": [loss.cpu() for loss in losses[:step]],
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "losses": [loss.cpu() for loss in losses[:step]], "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -495,17 +633,22 @@ def train(args):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
         print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): "
-              f"{args.arch}, {args.epochs} epochs x {steps} steps of {args.batch_size}, device {device}, "
-              f"world {world_size} -> {args.out}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+              f"{args.arch}, {args.epochs} epochs x {steps} steps of {args.batch_size}"
+              f"{f' in {chunks} chunks' if chunks > 1 else ''}, {precision}, device {device}, world {world_size} "
+              f"-> {args.out}")
     progress = tqdm(total=total_steps, initial=start_epoch * steps + start_step, disable=rank != 0, desc=METHOD,
                     dynamic_ncols=True)
-    # (epoch, steps of it taken, their losses): what a Ctrl-C saves, so that --resume takes the remaining steps
-    position = (start_epoch, start_step, start_losses)
+    stop = []  # Ctrl-C and SIGTERM (preemption, time limits) end the run at the next step boundary
+
+    def request_stop(signum, frame):
+        stop.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    epoch, skip, losses = start_epoch, start_step, start_losses  # skip > 0 in the epoch a stopped run stopped in
     try:
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            _, skip, losses = position  # skip > 0 in the epoch an interrupted run stopped in
             # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
             order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
             augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
@@ -513,16 +656,14 @@ def train(args):
             epoch_views = data.training_views(resident, info, args.aug, args.batch_size, order, augment, device,
                                               rank, world_size, args.workers)
             for step, (views, y) in enumerate(epoch_views):
-                if step < skip:  # taken before the interrupt; its views are still drawn, so that later ones match
+                if step < skip:  # taken before the stop; its views are still drawn, so that later ones match
                     continue
-                with autocast:
-                    loss = method_loss(step_model, views, y, args, info)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = training_step(step_model, views, y, args, info, chunks, autocast, scaler)
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scaler then backs off
+                scaler.update()
                 scheduler.step()
                 losses.append(loss.detach())
-                position = (epoch, step + 1, losses)
                 progress.update()
                 global_step = epoch * steps + step + 1
                 if args.eval_every and global_step % args.eval_every == 0 and rank == 0:
@@ -534,6 +675,12 @@ def train(args):
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
+                if any_rank(stop, world_size, device):
+                    check_finite(losses, epoch, steps, checkpoint_path)
+                    checkpoint(epoch, step + 1, losses)
+                    raise SystemExit(f"\n{stop[0] if stop else 'a signal to another rank'}: stopped after step "
+                                     f"{step + 1}/{steps} of epoch {epoch + 1}; saved {checkpoint_path} (the same "
+                                     f"command with --resume {checkpoint_path} continues from there)")
             epoch_loss = torch.stack(losses).mean().item()
             seconds = time.perf_counter() - started
             if rank == 0:
@@ -543,26 +690,27 @@ def train(args):
                                         "views_per_s": (steps - skip) * args.batch_size * 2 / seconds}) + "\n")
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 checkpoint(epoch + 1)
-            position = (epoch + 1, 0, [])
-    except KeyboardInterrupt:
-        epoch, step, losses = position
-        checkpoint(epoch, step, losses)
-        raise SystemExit(f"\ninterrupted after step {step}/{steps} of epoch {epoch + 1}; saved {checkpoint_path} "
-                         f"(--resume continues from there)")
+            skip, losses = 0, []
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of memory in epoch {epoch + 1} with --chunks {chunks}; the last checkpoint is kept: "
+                         f"the same command with --chunks {2 * chunks} (and --resume {checkpoint_path}, if it "
+                         f"exists) uses less") from None
     finally:
         progress.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
-    results = None
-    if rank == 0 and not args.no_eval:
-        test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
-        results = linear_eval.evaluate(core.encoder, train_set, test_set, device,
-                                       classifier=getattr(core, "classifier", None))
-        results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
-                   "train_samples": len(train_set), **results}
-        linear_eval.report(results, args.out)
-    if world_size > 1:
+    if world_size > 1:  # leave the group first: no rank then waits on a collective while rank 0 evaluates
         dist.barrier()
         dist.destroy_process_group()
+    if rank > 0 or args.no_eval:
+        return None
+    test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
+    results = linear_eval.evaluate(core.encoder, train_set, test_set, device,
+                                   classifier=getattr(core, "classifier", None))
+    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
+               "train_samples": len(train_set), **results}
+    linear_eval.report(results, args.out)
     return results
 
 

@@ -42,8 +42,9 @@ def synthetic_cifar(size):
     return data.ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
 
 
-def make_step(module_name, extra, args, info, device, reference=False):
-    """One training step on given views. reference=True is the reference pipeline's step: fp32, NCHW
+def make_step(module_name, extra, args, info, device, reference=False, chunks=1, precision="auto"):
+    """One training step on given views, as the training loop takes it (the module's training_step, in
+    `chunks` chunks and the given precision). reference=True is the reference pipeline's step: fp32, NCHW
     tensors, never compiled."""
     module = importlib.import_module(module_name)
     config = module.parse_args(["--dataset", "hdigits", "--arch", args.arch, "--batch-size", str(args.batch_size), *extra])
@@ -52,14 +53,15 @@ def make_step(module_name, extra, args, info, device, reference=False):
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if args.compile and not reference else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not reference and device.type == "cuda")
+    precision = "fp32" if reference else module.resolve_precision(precision, device)
+    autocast = torch.autocast(device.type, dtype=module.DTYPES[precision], enabled=precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(views, y):
-        with autocast:
-            loss = module.method_loss(step_model, views, y, config, info)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = module.training_step(step_model, views, y, config, info, chunks, autocast, scaler)
+        scaler.step(optimizer)
+        scaler.update()
         return loss
 
     return step

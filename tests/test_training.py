@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -66,13 +67,14 @@ def test_supcon_script_beats_chance(tmp_path):
 
 
 def interrupt_on_epoch(monkeypatch, epoch_to_interrupt):
-    """Make the data iterator raise KeyboardInterrupt when epoch `epoch_to_interrupt` starts (0-based)."""
+    """Press Ctrl-C (a real SIGINT) when epoch `epoch_to_interrupt` (0-based) starts: the run stops after
+    that epoch's first step."""
     real_batches, calls = data.batches, []
 
     def batches(*args, **kwargs):
         calls.append(1)
         if len(calls) == epoch_to_interrupt + 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         yield from real_batches(*args, **kwargs)
 
     monkeypatch.setattr(data, "batches", batches)
@@ -86,9 +88,10 @@ def test_resume_reproduces_uninterrupted_training(tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
         interrupt_on_epoch(patch, 1)
-        with pytest.raises(SystemExit, match="interrupted"):
+        with pytest.raises(SystemExit, match="SIGINT: stopped after step 1/"):
             supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--out", str(interrupted)]))
-    assert torch.load(interrupted / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    state = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 1)
     supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--out", str(interrupted),
                                      "--resume", str(interrupted / "checkpoint.pt")]))
 
@@ -100,14 +103,17 @@ def test_resume_reproduces_uninterrupted_training(tmp_path, monkeypatch):
 
 
 def fail_at_step(monkeypatch, module, step, error):
-    """Make the run's `step`-th training step (1-based, counted over the whole run) raise `error` in its
-    forward pass: KeyboardInterrupt is a Ctrl-C, any other error a run killed outright (no checkpoint)."""
+    """In the run's `step`-th training step (1-based, counted over the whole run), in its loss: a signal
+    number is that signal sent to the run (SIGINT is a Ctrl-C), which finishes the step; an exception is
+    raised there, a run killed outright (no checkpoint)."""
     real_loss, calls = module.method_loss, []
 
     def method_loss(*args):
         calls.append(1)
         if len(calls) == step:
-            raise error
+            if isinstance(error, Exception):
+                raise error
+            os.kill(os.getpid(), error)
         return real_loss(*args)
 
     monkeypatch.setattr(module, "method_loss", method_loss)
@@ -141,8 +147,9 @@ def assert_same_weights(a, b):
 
 def test_resume_mid_epoch_takes_the_uninterrupted_steps(tmp_path, monkeypatch):
     """Ctrl-C in the middle of epoch 2 (3 steps an epoch), then --resume: the run takes the same 9 optimizer
-    steps at the same learning rates as an uninterrupted one, ends with bitwise the same weights on CPU, and
-    logs every epoch once with the same loss and lr, and every kNN probe (--eval-every 2) once."""
+    steps at the same learning rates as an uninterrupted one, ends with bitwise the same weights and
+    BatchNorm statistics on CPU, and logs every epoch once with the same loss and lr, and every kNN probe
+    (--eval-every 2) once. The stop waits for the step it interrupts, so no forward pass is half counted."""
     flags = [*TINY, "--epochs", "3", "--eval-every", "2"]
     rates = record_learning_rates(monkeypatch)
     straight = tmp_path / "straight"
@@ -152,11 +159,11 @@ def test_resume_mid_epoch_takes_the_uninterrupted_steps(tmp_path, monkeypatch):
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        fail_at_step(patch, supcon, 5, KeyboardInterrupt)
-        with pytest.raises(SystemExit, match="interrupted after step 1/3 of epoch 2"):
+        fail_at_step(patch, supcon, 5, signal.SIGINT)
+        with pytest.raises(SystemExit, match="SIGINT: stopped after step 2/3 of epoch 2"):
             supcon.train(supcon.parse_args([*flags, "--out", str(interrupted)]))
     state = torch.load(interrupted / "checkpoint.pt", weights_only=False)
-    assert (state["epoch"], state["step"], len(state["losses"])) == (1, 1, 1)
+    assert (state["epoch"], state["step"], len(state["losses"])) == (1, 2, 2)
     supcon.train(supcon.parse_args([*flags, "--out", str(interrupted), "--resume", str(interrupted / "checkpoint.pt")]))
 
     assert len(straight_rates) == 9 and rates == straight_rates
@@ -342,7 +349,8 @@ def method_loss_worker(rank, world_size, port, name, views, targets, results):
     model = module.build_model(args, info).eval()
     local = views.shape[1] // world_size
     part = slice(rank * local, (rank + 1) * local)
-    results[rank] = module.method_loss(model, views[:, part], targets[part], args, info).detach()
+    outputs = module.method_forward(model, views[:, part], targets[part])
+    results[rank] = module.method_loss(outputs, targets[part], args, info).detach()
     dist.destroy_process_group()
 
 
@@ -359,7 +367,8 @@ def test_every_method_contrasts_the_global_batch(name):
     args = module.parse_args(["--dataset", "hdigits"])
     torch.manual_seed(0)
     model = module.build_model(args, dataset.info).eval()
-    expected = module.method_loss(model, views, dataset.targets, args, dataset.info).detach()
+    expected = module.method_loss(module.method_forward(model, views, dataset.targets), dataset.targets, args,
+                                  dataset.info).detach()
 
     results = mp.Manager().dict()
     mp.spawn(method_loss_worker, args=(2, free_port(), name, views, dataset.targets, results), nprocs=2, join=True)
