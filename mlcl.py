@@ -531,10 +531,20 @@ def load_checkpoint(path, args):
     if not isinstance(state, dict) or state.get("method") != METHOD:
         found = state.get("method") if isinstance(state, dict) else type(state).__name__
         raise SystemExit(f"{path} is not a {METHOD} checkpoint (found {found!r})")
-    for key in ("dataset", "arch", "batch_size", "fraction", "seed"):
-        if state["config"][key] != getattr(args, key):
-            raise SystemExit(f"{path} was trained with {key}={state['config'][key]!r}, this run has {getattr(args, key)!r}")
     return state
+
+
+# What a resumed run may change: where it runs, reads and writes, not what it computes.
+RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
+             "save_every", "no_eval")
+
+
+def check_same_run(state, args):
+    """Refuse to resume with an option that changes the data, the schedule or the method, naming it."""
+    for key, value in state["config"].items():
+        if key not in RESUMABLE and getattr(args, key, None) != value:
+            raise SystemExit(f"{args.resume} was trained with --{key.replace('_', '-')} {value!r}, this run has "
+                             f"{getattr(args, key, None)!r}; --resume continues a run (give another --out to start one)")
 
 
 def keep_metrics_until(path, epoch, step):
@@ -682,6 +692,8 @@ def train(args):
     resident = data.to_device(train_set, device) if args.aug == "gpu" else train_set
 
     model = build_model(args, info).to(device)
+    if resumed:  # after build_model, which settles the method's automatic defaults
+        check_same_run(resumed, args)
     if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:

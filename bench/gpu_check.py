@@ -18,17 +18,24 @@ on an H100, measured; bench/gpu.md is its report) and writes one Markdown report
     bash bench/gpu_check.sh                        # on a CUDA machine; report also in $OUT/gpu.md
     bash bench/gpu_check.sh --device cpu --quick   # the same checks at a toy size, on a CPU, < 2 min
 
+4. The headline preset (ResNet-50, batch 1024) on a 16 GB card: the whole step uncapped, then under a
+   15 GiB cap (`torch.cuda.set_per_process_memory_fraction`, what a T4 leaves after the CUDA context)
+   `supcon.py --dataset cifar100` itself with --chunks auto for an epoch, and timed steps at the chunking
+   it chose against the uncapped step (target 1.4x); the fp16 path (loss scaler) timed beside it.
+
 Exit status 1 when any check fails; every section runs regardless, so one report shows everything.
 """
 
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
 import pathlib
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -255,10 +262,10 @@ def resume_check(report, config):
     flags = [*TINY, "--epochs", "2", "--device", config.device]
     real_batches = data.batches
 
-    def interrupted_in_epoch_two(*args, **kwargs):
+    def interrupted_in_epoch_two(*args, **kwargs):  # a real Ctrl-C: the run stops after that step
         interrupted_in_epoch_two.calls += 1
         if interrupted_in_epoch_two.calls == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         yield from real_batches(*args, **kwargs)
 
     interrupted_in_epoch_two.calls = 0
@@ -269,7 +276,7 @@ def resume_check(report, config):
         try:
             supcon.train(supcon.parse_args([*flags, "--out", os.path.join(work, "resumed")]))
         except SystemExit as stop:
-            assert "interrupted" in str(stop), stop
+            assert "SIGINT: stopped" in str(stop), stop
         finally:
             data.batches = real_batches
         checkpoint = os.path.join(work, "resumed", "checkpoint.pt")
@@ -339,6 +346,84 @@ def throughput_section(config, arch):
 
 
 # --------------------------------------------------------------------------------------------------
+# 4. The headline preset on the GPUs people have: a 16 GB card's memory, fp16 before Ampere
+# --------------------------------------------------------------------------------------------------
+
+CARD_GIB = 15.0  # what a 16 GB card (T4, V100-16GB) leaves to PyTorch after the CUDA context
+
+
+def timed_training_steps(name, arch, batch, device, chunks, precision, steps):
+    """(seconds per step, peak GiB, the last loss) of real training steps (module.training_step + SGD)."""
+    args = argparse.Namespace(arch=arch, batch_size=batch, compile=False)
+    dataset = throughput.synthetic_cifar(batch)
+    views = data.two_views(dataset.images.to(device), dataset.info, torch.Generator(device).manual_seed(0))
+    step = throughput.make_step(name, [], args, dataset.info, device, chunks=chunks, precision=precision)
+    targets = dataset.targets.to(device)
+    step(views, targets)  # warm-up: cuDNN autotuning, allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step(views, targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - started) / steps, peak, loss.item()
+
+
+def memory_section(config):
+    def body(report):
+        device = torch.device(config.device)
+        arch, batch, steps = ("cnn", 64, 2) if config.quick else ("resnet50", 1024, 10)
+        report.add(f"{arch}, batch {batch} x 2 views (the CIFAR-100 preset's), {steps} timed training steps each.\n")
+        report.add("| check | result | detail |\n|---|---|---|")
+        whole, whole_peak, _ = timed_training_steps("supcon", arch, batch, device, 1, "auto", steps)
+        report.add(f"| the whole batch, uncapped | measured | {whole * 1000:.0f} ms a step, peak {whole_peak:.1f} GiB |")
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(CARD_GIB / total, device)
+            try:
+                out, printed = os.path.join(config.work, "runs", "capped"), io.StringIO()
+                try:  # the training script itself, --chunks auto, under the cap
+                    with contextlib.redirect_stdout(printed):
+                        supcon.train(supcon.parse_args(["--dataset", "cifar100", "--data-dir", config.data_dir,
+                                                        "--arch", arch, "--epochs", "1", "--device", config.device,
+                                                        "--no-eval", "--out", out]))
+                    trained, message = True, " ".join(line for line in printed.getvalue().splitlines()
+                                                      if line.startswith("memory:"))
+                except SystemExit as stop:
+                    trained, message = False, str(stop)
+                sample = throughput.synthetic_cifar(batch)
+                model = supcon.build_model(supcon.parse_args(["--arch", arch]), sample.info).to(device)
+                model = model.to(memory_format=torch.channels_last)
+                views = data.two_views(sample.images.to(device), sample.info, torch.Generator(device).manual_seed(0))
+                precision = supcon.resolve_precision("auto", device)
+                autocast = torch.autocast("cuda", dtype=supcon.DTYPES[precision], enabled=precision != "fp32")
+                chunks, fits, _ = supcon.fewest_chunks(model, views, sample.targets.to(device), autocast, device)
+                del model, views
+                torch.cuda.empty_cache()
+                capped, capped_peak, loss = timed_training_steps("supcon", arch, batch, device, chunks, "auto", steps)
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            report.check(f"`supcon.py --dataset cifar100` under a {CARD_GIB:g} GiB cap", trained, f"`{message[:300]}`")
+            report.check(f"batch {batch} in {CARD_GIB:g} GiB: --chunks auto", fits and capped_peak <= CARD_GIB,
+                         f"chose {chunks} chunks; peak {capped_peak:.1f} GiB, {capped * 1000:.0f} ms a step = "
+                         f"{capped / whole:.2f}x the uncapped step (target 1.4x), loss {loss:.3f}")
+        else:
+            chunked, _, loss = timed_training_steps("supcon", arch, batch, device, 2, "auto", steps)
+            report.add(f"| 2 chunks (no memory cap on a CPU) | measured | {chunked * 1000:.0f} ms a step = "
+                       f"{chunked / whole:.2f}x the whole batch, loss {loss:.3f} |")
+        fp16, fp16_peak, loss = timed_training_steps("supcon", arch, batch, device, 1, "fp16", steps)
+        report.check("--precision fp16 (loss scaler), whole batch", math.isfinite(loss),
+                     f"{fp16 * 1000:.0f} ms a step = {fp16 / whole:.2f}x the auto precision's, peak {fp16_peak:.1f} GiB, "
+                     f"loss {loss:.3f}")
+
+    return body
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main():
@@ -378,6 +463,7 @@ def main():
         report.section("2. The CPU tests' checks, on the device", device_checks(config))
         for arch in (["cnn"] if quick else ["resnet18", "resnet50"]):
             report.section(f"3. Throughput, {arch}", throughput_section(config, arch))
+        report.section("4. The headline preset on a 16 GB card", memory_section(config))
     report.add(f"\n{report.failures} failed checks; {time.perf_counter() - started:.0f} s in all.")
     sys.exit(1 if report.failures else 0)
 

@@ -17,6 +17,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
                      "`supcon.py --compile` | PASS", "`linear_eval.py --checkpoint` (mlcl run) | PASS",
                      "mlcl_loss (2 level heads), bf16 inputs | PASS", "gmm_masks, 512 x 128, 2 levels | PASS",
                      "interrupt + `--resume` = uninterrupted", "a NaN loss stops the run | PASS",
-                     "SupCon training, data loading included", "0 failed checks"):
+                     "SupCon training, data loading included", "2 chunks (no memory cap on a CPU)",
+                     "--precision fp16 (loss scaler), whole batch | PASS", "0 failed checks"):
         assert expected in text, expected
     assert "FAIL" not in text

@@ -365,3 +365,28 @@ def test_knn_probe_on_multilabel_data_gives_map():
     assert list(scores) == ["labels"]
     assert scores["labels"] == pytest.approx(linear_eval.multilabel_metrics(shares, query.targets)["map"])
     assert 0.0 <= shares.min() and shares.max() <= 1.0
+
+
+def test_raw_inputs_in_chunks_equal_the_whole_split():
+    """The image floor is built a chunk at a time (bounded memory); the chunks change nothing."""
+    dataset = data.load("hdigits", split="test", size=50)
+    whole = linear_eval.raw_inputs(dataset, chunk=len(dataset))
+    assert torch.equal(linear_eval.raw_inputs(dataset, chunk=7), whole)
+    assert whole.shape == (50, 32 * 32)
+
+
+def test_wide_tfidf_folds_into_buckets_without_densifying():
+    """TF-IDF with more columns than the floor's buckets (rcv1: 47,236) is folded column mod buckets from
+    the sparse matrix, then L2-normalised: checked against the dense matrix folded by hand."""
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    matrix = scipy_sparse.random(12, 300, density=0.05, format="csr", random_state=0, dtype=np.float32)
+    matrix[0, 7], matrix[0, 7 + 64] = 1.0, 2.0  # two columns that fold into one bucket
+    info = data.text_info("toy", ["a"], [["x", "y"]], input="tfidf", input_dim=300)
+    dataset = data.TfidfDataset(matrix, torch.zeros(12, 1, dtype=torch.long), info)
+    folded = linear_eval.text_bag(dataset, buckets=64)
+    dense = torch.from_numpy(matrix.toarray())
+    expected = torch.zeros(12, 64).index_add_(1, torch.arange(300) % 64, dense)
+    assert torch.allclose(folded, F.normalize(expected, dim=1), atol=1e-6)
+    assert folded[0, 7] > 0
+    narrow = linear_eval.text_bag(dataset, buckets=512)  # no more columns than buckets: the rows as they are
+    assert torch.equal(narrow, dense)

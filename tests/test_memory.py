@@ -87,15 +87,26 @@ def test_one_chunk_is_the_whole_batch_step(name):
         assert torch.equal(a.grad, b.grad), key
 
 
-def test_chunked_run_trains_and_resumes_with_other_chunks(tmp_path):
-    """--chunks 4 trains through the loop, and a checkpoint resumes with another --chunks (it changes the
-    memory, not the data or the schedule)."""
+def test_chunked_run_trains_and_resumes_with_other_chunks(tmp_path, monkeypatch):
+    """--chunks 4 trains through the loop, and a run stopped by Ctrl-C resumes with another --chunks (it
+    changes the memory, not the data or the schedule); the folder defaults to the checkpoint's."""
     out = tmp_path / "chunked"
-    supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--chunks", "4", "--out", str(out)]))
+    real_batches, calls = data.batches, []
+
+    def batches(*args, **kwargs):  # Ctrl-C as epoch 2 starts
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        yield from real_batches(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "batches", batches)
+        with pytest.raises(SystemExit, match="SIGINT: stopped after step 1/3 of epoch 2"):
+            supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--chunks", "4", "--out", str(out)]))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["chunks"] == "4"
-    supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--chunks", "2", "--out", str(out),
-                                    "--resume", str(out / "checkpoint.pt")]))
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--chunks", "2", "--resume", str(out / "checkpoint.pt")]))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["config"]["chunks"] == "2"
 
 
 @pytest.mark.parametrize("flags, message", [

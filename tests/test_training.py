@@ -229,9 +229,11 @@ def test_bad_checkpoints_are_refused_and_kept(tmp_path):
     good = tmp_path / "good"
     supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(good)]))
     before = (good / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit, match="batch_size"):
-        supcon.train(supcon.parse_args([*TINY, "--epochs", "2", "--batch-size", "32", "--out", str(good),
-                                        "--resume", str(good / "checkpoint.pt")]))
+    for flags, name in ((["--batch-size", "32"], "--batch-size 64"), (["--epochs", "2"], "--epochs 1"),
+                        (["--eval-every", "3"], "--eval-every 0"), (["--temperature", "0.2"], "--temperature 0.1")):
+        with pytest.raises(SystemExit, match=f"trained with {name}, this run has"):
+            supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(good), *flags,
+                                            "--resume", str(good / "checkpoint.pt")]))
     with pytest.raises(SystemExit, match="exists"):
         supcon.train(supcon.parse_args([*TINY, "--epochs", "1", "--out", str(good)]))
     assert (good / "checkpoint.pt").read_bytes() == before
