@@ -84,7 +84,8 @@ METHOD = "hmlc_attention"
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, check_finite=True):
+def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, deduplicate=False,
+              base_temperature=None, check_finite=True):
     """Hierarchical multi-label contrastive loss of Zhang et al. (CVPR 2022): HMC, HCE or HMCE.
 
     Levels are counted from the finest, l = 1..L. Level l's positives share the anchor's label path from
@@ -97,8 +98,7 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
         HMCE: both: L = 1/L sum_l lambda_l max(loss_l, max_{l' < l} loss_l')
 
     The maximum is taken between levels' mean losses, as the reference code does; the paper's Eq. 6/7
-    write it per pair. Every view is used at every level, as the paper describes (the reference code
-    also keeps, per level, one sample of each label path for the next level; that is not done here).
+    write it per pair. Every view is used at every level, as the paper describes, unless `deduplicate`.
 
     Args:
         features: [B, V, D] L2-normalised embeddings shared by all levels, or [L, B, V, D] with one
@@ -108,6 +108,9 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
         loss_type: "hmc", "hce" or "hmce".
         level_weight_base: base of lambda_l = base^(1/l); 2 as in the paper and the reference loss, e as
             in the reference training script (layer_penalty=torch.exp).
+        deduplicate: as the reference code does, every level above the finest keeps (as anchors and in
+            the denominators) only the first sample of each label path of the level below it.
+        base_temperature: t_base; the loss is multiplied by t / t_base (the reference code's 0.07).
         check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
             host sync, so the training step turns it off and checks the loss every ten steps instead.
     Returns a scalar in float32 (float64 stays float64), all levels in one batched computation.
@@ -137,6 +140,11 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
     for level in range(1, levels):  # and agree at every coarser level (a loop over levels only)
         same_path[level] &= same_path[level - 1]
     positives = same_path.repeat(1, views, views) & ~is_self
+    if deduplicate:  # a sample is kept at level j when it is the first on its level-(j + 1) path
+        first = torch.arange(batch, device=labels.device)
+        kept = torch.cat([same_path[1:].int().argmax(2) == first, torch.ones_like(same_path[:1, 0])]).repeat(1, views)
+        log_prob = torch.log_softmax(logits.masked_fill(is_self | ~kept[:, None, :], float("-inf")), dim=2)
+        positives &= kept[:, :, None] & kept[:, None, :]
     positive_count = positives.sum(2)
     per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [L, N]
     counted = (positive_count > 0).to(per_anchor.dtype)
@@ -148,7 +156,7 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
     if loss_type in ("hmc", "hmce"):
         level = torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype)
         fine_first = fine_first * level_weight_base ** (1.0 / level)
-    return fine_first.mean()
+    return fine_first.mean() * (1.0 if base_temperature is None else temperature / base_temperature)
 
 
 # --------------------------------------------------------------------------------------------------

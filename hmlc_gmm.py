@@ -96,7 +96,8 @@ METHOD = "hmlc_gmm"
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
 @torch.autocast("cpu", enabled=False)
-def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, check_finite=True):
+def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0, deduplicate=False,
+              base_temperature=None, check_finite=True):
     """Hierarchical multi-label contrastive loss of Zhang et al. (CVPR 2022): HMC, HCE or HMCE.
 
     Levels are counted from the finest, l = 1..L. Level l's positives share the anchor's label path from
@@ -109,8 +110,7 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
         HMCE: both: L = 1/L sum_l lambda_l max(loss_l, max_{l' < l} loss_l')
 
     The maximum is taken between levels' mean losses, as the reference code does; the paper's Eq. 6/7
-    write it per pair. Every view is used at every level, as the paper describes (the reference code
-    also keeps, per level, one sample of each label path for the next level; that is not done here).
+    write it per pair. Every view is used at every level, as the paper describes, unless `deduplicate`.
 
     Args:
         features: [B, V, D] L2-normalised embeddings shared by all levels, or [L, B, V, D] with one
@@ -120,6 +120,9 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
         loss_type: "hmc", "hce" or "hmce".
         level_weight_base: base of lambda_l = base^(1/l); 2 as in the paper and the reference loss, e as
             in the reference training script (layer_penalty=torch.exp).
+        deduplicate: as the reference code does, every level above the finest keeps (as anchors and in
+            the denominators) only the first sample of each label path of the level below it.
+        base_temperature: t_base; the loss is multiplied by t / t_base (the reference code's 0.07).
         check_finite: raise ValueError on NaN or Inf features. It reads a value back from the device, a
             host sync, so the training step turns it off and checks the loss every ten steps instead.
     Returns a scalar in float32 (float64 stays float64), all levels in one batched computation.
@@ -149,6 +152,11 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
     for level in range(1, levels):  # and agree at every coarser level (a loop over levels only)
         same_path[level] &= same_path[level - 1]
     positives = same_path.repeat(1, views, views) & ~is_self
+    if deduplicate:  # a sample is kept at level j when it is the first on its level-(j + 1) path
+        first = torch.arange(batch, device=labels.device)
+        kept = torch.cat([same_path[1:].int().argmax(2) == first, torch.ones_like(same_path[:1, 0])]).repeat(1, views)
+        log_prob = torch.log_softmax(logits.masked_fill(is_self | ~kept[:, None, :], float("-inf")), dim=2)
+        positives &= kept[:, :, None] & kept[:, None, :]
     positive_count = positives.sum(2)
     per_anchor = -torch.where(positives, log_prob, 0.0).sum(2) / positive_count.clamp(min=1)  # [L, N]
     counted = (positive_count > 0).to(per_anchor.dtype)
@@ -160,7 +168,24 @@ def hmlc_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_
     if loss_type in ("hmc", "hmce"):
         level = torch.arange(1, levels + 1, device=fine_first.device, dtype=fine_first.dtype)
         fine_first = fine_first * level_weight_base ** (1.0 / level)
-    return fine_first.mean()
+    return fine_first.mean() * (1.0 if base_temperature is None else temperature / base_temperature)
+
+
+def reference_loop_loss(features, labels, temperature=0.1, loss_type="hmce", level_weight_base=2.0):
+    """HMLC as the reference code's loss computes it (salesforce/hierarchicalContrastiveLearning,
+    losses.py) on the label columns as given, [B, L] coarse -> fine: its loop runs l = 1..L-1, masking
+    the last l columns, so the finest column is never a level of its own (labels [coarse, fine] contrast
+    the coarse labels only; its DeepFashion layout appends a per-image id column so that both count); it
+    de-duplicates per level, multiplies every level's loss by t / 0.07 and divides the sum by L. That is
+    `hmlc_loss` on the first L - 1 columns with deduplicate=True and base_temperature=0.07, times (L-1)/L.
+    Per-level features [L, B, V, D] lose the finest level's with its column."""
+    levels = labels.shape[1]
+    if labels.dim() != 2 or levels < 2:
+        raise ValueError(f"the reference loop needs labels [B, L] with L >= 2, got shape {tuple(labels.shape)}")
+    if features.dim() == 4 and len(features) == levels:
+        features = features[:-1]
+    return (levels - 1) / levels * hmlc_loss(features, labels[:, :-1], temperature, loss_type, level_weight_base,
+                                             deduplicate=True, base_temperature=0.07, check_finite=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +281,12 @@ class GHMLCModel(nn.Module):
         # --gmm-over dims: the running label-variance score of every masked dimension (NaN until the first batch)
         self.register_buffer("dimension_scores", torch.full((masked_dim,), float("nan")))
 
-    def level_masks(self, features, labels):
-        """[L, N, D] (per sample) or [L, 1, D] (per batch) 0/1 masks from detached features [N, D]."""
+    def level_masks(self, features, labels, views=1):
+        """[L, N, D] (per sample) or [L, 1, D] (per batch) 0/1 masks from detached features [N, D], whose
+        rows are `views` view-major blocks (--mask-per image fits one GMM to each image's mean embedding)."""
+        if self.args.gmm_over == "sample" and self.args.mask_per == "image":
+            images = features.view(views, -1, features.shape[-1]).mean(0)
+            return gmm_masks(images, self.levels, self.args.gmm_iters).repeat(1, views, 1)
         if self.args.gmm_over == "sample":
             return gmm_masks(features, self.levels, self.args.gmm_iters)
         if self.training:
@@ -267,20 +296,20 @@ class GHMLCModel(nn.Module):
             self.dimension_scores.copy_(torch.where(previous.isnan(), scores, momentum * previous + (1 - momentum) * scores))
         return gmm_masks(self.dimension_scores[None], self.levels, self.args.gmm_iters)
 
-    def forward(self, x, labels=None):
-        return self.embed(self.encoder(x), labels)
+    def forward(self, x, labels=None, views=1):
+        return self.embed(self.encoder(x), labels, views)
 
-    def embed(self, h, labels):
+    def embed(self, h, labels, views=1):
         """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
         if self.args.mask == "none":
             return F.normalize(self.head(h), dim=-1)[None], None
         if self.args.mask_on == "encoder":
-            masks = self.level_masks(h.detach(), labels)
+            masks = self.level_masks(h.detach(), labels, views)
             levels = F.normalize(self.head(h[None] * masks.to(h.dtype)), dim=-1)
             shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
             return levels, shared
         e = self.head(h)
-        masks = self.level_masks(e.detach(), labels)
+        masks = self.level_masks(e.detach(), labels, views)
         shared = F.normalize(e, dim=-1) if self.args.shared_term else None
         return F.normalize(e[None] * masks.to(e.dtype), dim=-1), shared
 
@@ -289,7 +318,7 @@ def method_forward(model, views, targets):
     """views [V, B, ...] -> (level features [B, L or 1, V, D], shared features [B, 1, V, D] or None),
     sample-major so that chunks of samples concatenate."""
     num_views, batch = views.shape[:2]
-    levels, shared = model(views.flatten(0, 1), targets.repeat(num_views, 1))  # [L or 1, V*B, D], [V*B, D] or None
+    levels, shared = model(views.flatten(0, 1), targets.repeat(num_views, 1), num_views)  # [L or 1, V*B, D], [V*B, D]
 
     def sample_major(z):  # [K, V*B, D] -> [B, K, V, D]
         return z.view(len(z), num_views, batch, -1).permute(2, 0, 1, 3)
@@ -299,12 +328,18 @@ def method_forward(model, views, targets):
 
 def method_loss(outputs, targets, args, info):
     """HMCE on the global batch over the per-level masked features (+ the shared embedding's HMCE with
-    --shared-term)."""
+    --shared-term); --id-column appends a per-image id as the finest label column."""
     global_targets = gather_across_ranks(targets)
+    if args.id_column:
+        ids = torch.arange(len(global_targets), device=global_targets.device)
+        global_targets = torch.cat([global_targets, global_targets[:, -1:].max() + 1 + ids[:, None]], dim=1)
 
     def hmce(z):  # [B, K, V, D] of this rank -> HMCE on the global batch
-        return hmlc_loss(gather_across_ranks(z).transpose(0, 1), global_targets, args.temperature,
-                         args.loss_type, args.level_weight_base, check_finite=False)
+        z = gather_across_ranks(z).transpose(0, 1)
+        if args.loop == "reference":
+            return reference_loop_loss(z, global_targets, args.temperature, args.loss_type, args.level_weight_base)
+        return hmlc_loss(z, global_targets, args.temperature, args.loss_type, args.level_weight_base,
+                         args.deduplicate, args.base_temperature, check_finite=False)
 
     return sum(hmce(z) for z in outputs if z is not None)
 
@@ -322,11 +357,22 @@ def add_method_arguments(p):
     p.add_argument("--level-weight-base", type=float, default=2.0,
                    help="lambda_l = base^(1/l), l = 1 the finest level: 2 as in the paper and the reference loss, "
                         "2.71828 (e) as in the reference training script")
+    p.add_argument("--loop", choices=("ours", "reference"), default="ours",
+                   help="reference: the HMLC reference code's loss on the label columns as given (levels 1..L-1, "
+                        "de-duplicated, t/0.07, divided by L)")
+    p.add_argument("--deduplicate", action="store_true",
+                   help="our loss with the reference's per-level de-duplication (one sample per finer label path)")
+    p.add_argument("--base-temperature", type=float, default=None,
+                   help="our loss times t/base (0.07: the reference's factor); default none")
+    p.add_argument("--id-column", action="store_true",
+                   help="append a per-image id as the finest label column (the reference's DeepFashion layout)")
     p.add_argument("--mask", choices=("gmm", "none"), default="gmm", help="none: the plain HMLC baseline")
     p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the GMM")
     p.add_argument("--gmm-over", choices=("sample", "dims"), default="sample",
                    help="sample: a GMM over each embedding's own entries, masks per image; dims: one GMM over "
                         "the dimensions, each scored by how coarse its label information is, masks per batch")
+    p.add_argument("--mask-per", choices=("view", "image"), default="view",
+                   help="--gmm-over sample: a GMM per view's embedding, or one per image on its views' mean")
     p.add_argument("--dims-momentum", type=float, default=0.9,
                    help="--gmm-over dims: running average of the dimension scores over batches")
     p.add_argument("--mask-on", choices=("projection", "encoder"), default="projection",
@@ -341,6 +387,10 @@ def check_method_arguments(p, args):
         p.error(f"--temperature must be positive, got {args.temperature}")
     if args.level_weight_base <= 0:
         p.error(f"--level-weight-base must be positive, got {args.level_weight_base}")
+    if args.base_temperature is not None and args.base_temperature <= 0:
+        p.error(f"--base-temperature must be positive, got {args.base_temperature}")
+    if args.id_column and args.mask != "none":
+        p.error("--id-column is for the plain baseline (--mask none): the masks have no level for the id")
     if args.gmm_iters < 1:
         p.error(f"--gmm-iters must be at least 1, got {args.gmm_iters}")
     if not 0.0 <= args.dims_momentum < 1.0:

@@ -73,10 +73,11 @@ def main():
             levels = runs[0]["levels"].keys()
             rows.append([name, f"{fraction:g}"]
                         + [mean_std([r["levels"][level]["linear_top1"] for r in runs]) for level in levels]
+                        + [" / ".join(f"{min(r['levels'][level]['linear_top1'] for r in runs):.3f}" for level in levels)]
                         + [mean_std([r["levels"][level]["raw_linear_top1"] for r in runs]) for level in levels]
                         + [f"{speed_of_first / speed:.2f}"])
 
-    header = ["variant", "fraction"] + [f"{level} linear top-1" for level in levels] \
+    header = ["variant", "fraction"] + [f"{level} linear top-1" for level in levels] + ["worst seed"] \
         + [f"{level} raw-pixel floor" for level in levels] + ["step time vs first"]
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [f"Command: `{command}`", "",

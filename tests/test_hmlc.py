@@ -333,3 +333,72 @@ def test_attention_gates_read_the_encoder_feature_by_default():
     levels, shared = model.embed(h)
     expected = torch.nn.functional.normalize(model.head(h)[None] * model.attention(h), dim=-1)
     assert torch.allclose(levels, expected, atol=1e-6) and shared is None
+
+
+def naive_reference_loop(features, labels, temperature, loss_type, base=2.0):
+    """The HMLC reference code's loss (salesforce/hierarchicalContrastiveLearning, losses.py), as its loop
+    is defined, by explicit loops: for l = 1..L-1 the last l label columns are masked, positives share the
+    rest, SupCon's loss times t / 0.07; HCE takes the max with the largest loss so far, HMC weighs base^(1/l);
+    then the batch keeps the first sample of every distinct masked label row; the sum is divided by L."""
+    levels = labels.shape[1]
+    total, largest = 0.0, -math.inf
+    for l in range(1, levels):
+        prefix = labels[:, : levels - l]
+        ids = torch.tensor([[next(i for i in range(len(prefix)) if torch.equal(prefix[i], row))] for row in prefix])
+        loss = naive_level_loss(features, ids, 0, temperature) * temperature / 0.07
+        if loss_type in ("hce", "hmce"):
+            loss = max(loss, largest)
+        total += (base ** (1 / l) if loss_type in ("hmc", "hmce") else 1.0) * loss
+        largest = max(largest, loss)
+        first = sorted({int(i) for i in ids[:, 0]})
+        features, labels = features[first], labels[first]
+    return total / levels
+
+
+@pytest.mark.parametrize("loss_type", ["hmc", "hce", "hmce"])
+@pytest.mark.parametrize("columns", ["coarse, fine", "3 levels", "3 levels + id"])
+def test_reference_loop_matches_its_definition(loss_type, columns):
+    """--loop reference equals the reference loop written out: on [coarse, fine] it contrasts the coarse
+    labels only; with an id column every real level counts."""
+    labels = tree_labels(8, seed=3)
+    labels = {"coarse, fine": labels[:, [0, 2]], "3 levels": labels,
+              "3 levels + id": torch.cat([labels, 200 + torch.arange(8)[:, None]], dim=1)}[columns]
+    generator = torch.Generator().manual_seed(4)
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 5, generator=generator, dtype=torch.float64), dim=-1)
+    loss = hmlc_gmm.reference_loop_loss(features, labels, temperature=0.3, loss_type=loss_type)
+    assert loss.item() == pytest.approx(naive_reference_loop(features, labels, 0.3, loss_type), rel=1e-10)
+
+
+def test_reference_loop_on_two_columns_is_coarse_supcon():
+    """[coarse, fine]: one level, lambda_1 = 2, divided by L = 2, times t / 0.07: SupCon on the coarse labels."""
+    labels = tree_labels(8, seed=5)[:, [0, 2]]
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 5, dtype=torch.float64), dim=-1)
+    expected = supcon.supcon_loss(features, labels[:, 0], temperature=0.1) * 0.1 / 0.07
+    assert torch.allclose(hmlc_gmm.reference_loop_loss(features, labels, 0.1), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("module", LOSS_MODULES)
+@pytest.mark.parametrize("loss_type", ["hmc", "hmce"])
+def test_deduplicate_and_base_temperature_are_the_reference_loop_with_an_id_column(module, loss_type):
+    """Our loss with deduplicate=True and base_temperature=0.07 on L columns is the reference loop on the
+    same columns plus an id column, but for its division by L + 1 instead of L."""
+    labels = tree_labels(8, seed=6)
+    assert len(torch.unique(labels[:, 2])) < 8, "the batch repeats fine labels, so de-duplication matters"
+    features = torch.nn.functional.normalize(torch.randn(8, 2, 5, dtype=torch.float64), dim=-1)
+    ours = module.hmlc_loss(features, labels, 0.3, loss_type, deduplicate=True, base_temperature=0.07)
+    with_id = torch.cat([labels, 200 + torch.arange(8)[:, None]], dim=1)
+    assert ours.item() == pytest.approx(naive_reference_loop(features, with_id, 0.3, loss_type) * 4 / 3, rel=1e-10)
+    plain = module.hmlc_loss(features, labels, 0.3, loss_type)
+    if loss_type == "hmc":  # (under HMCE the fine level's maximum can bind and hide the coarser levels)
+        assert not torch.allclose(module.hmlc_loss(features, labels, 0.3, loss_type, deduplicate=True), plain)
+    assert torch.allclose(module.hmlc_loss(features, labels, 0.3, loss_type, base_temperature=0.07), plain * 0.3 / 0.07)
+
+
+@pytest.mark.parametrize("flags", [["--loop", "reference"], ["--loop", "reference", "--id-column"],
+                                   ["--deduplicate", "--base-temperature", "0.07"]])
+def test_reference_baseline_flags_train(flags, tmp_path):
+    """The reference's baseline, one flag away, runs through the training loop."""
+    out = tmp_path / "run"
+    hmlc_gmm.train(hmlc_gmm.parse_args(["--mask", "none", *flags, "--fraction", "0.05", "--batch-size", "64",
+                                        "--epochs", "1", "--no-eval", "--device", "cpu", "--out", str(out)]))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
