@@ -383,11 +383,11 @@ def add_method_arguments(p):
 
 
 def check_method_arguments(p, args):
-    if args.temperature <= 0:
+    if not args.temperature > 0:  # (not ... > 0 also refuses NaN)
         p.error(f"--temperature must be positive, got {args.temperature}")
-    if args.level_weight_base <= 0:
+    if not args.level_weight_base > 0:
         p.error(f"--level-weight-base must be positive, got {args.level_weight_base}")
-    if args.base_temperature is not None and args.base_temperature <= 0:
+    if args.base_temperature is not None and not args.base_temperature > 0:
         p.error(f"--base-temperature must be positive, got {args.base_temperature}")
     if args.id_column and args.mask != "none":
         p.error("--id-column is for the plain baseline (--mask none): the masks have no level for the id")
@@ -398,95 +398,79 @@ def check_method_arguments(p, args):
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoders, projection head and the global-batch gather (identical in every method file)
+# Encoders, projection head, global-batch gather and the training loop (identical in every method file)
 # --------------------------------------------------------------------------------------------------
 
 
 def small_cnn(in_channels, width=16):
-    """A four-stage VGG-style CNN that trains in minutes on a CPU; output width*8 features."""
-
+    """A four-stage VGG-style CNN that trains in minutes on a CPU; width * 8 features."""
     def stage(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     layers = stage(in_channels, width) + [nn.MaxPool2d(2)] + stage(width, 2 * width) + [nn.MaxPool2d(2)]
     layers += stage(2 * width, 4 * width) + [nn.MaxPool2d(2)] + stage(4 * width, 8 * width)
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), 8 * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8 * width
 
 
 def cifar_resnet(name, in_channels):
     """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool, no fc."""
     net = getattr(torchvision.models, name)(weights=None)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
+    net.maxpool, feature_dim, net.fc = nn.Identity(), net.fc.in_features, nn.Identity()
     return net, feature_dim
 
 
 class PointNet(nn.Module):
-    """PointNet (Qi et al., CVPR 2017) without its input and feature transforms: a shared per-point MLP
-    3 -> 64 -> 64 -> 128 -> D (1x1 convolutions with BatchNorm and ReLU), then a max-pool over the points.
-    Input [B, P, 3], output [B, D]; the max makes it invariant to the order of the points."""
+    """PointNet (Qi et al., CVPR 2017) without its transforms: a shared per-point MLP 3-64-64-128-D (1x1
+    convolutions, BatchNorm, ReLU), then the max over the points: [B, P, 3] -> [B, D], order-invariant."""
 
     def __init__(self, feature_dim=256):
         super().__init__()
-        layers, width = [], 3
-        for out in (64, 64, 128, feature_dim):
-            layers += [nn.Conv1d(width, out, 1, bias=False), nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
-            width = out
-        self.mlp = nn.Sequential(*layers)
+        widths = (3, 64, 64, 128, feature_dim)
+        self.mlp = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in
+                                   (nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))])
 
     def forward(self, points):
         return self.mlp(points.transpose(1, 2)).amax(dim=2)
 
 
 class FastText(nn.Module):
-    """fastText-style text encoder (Joulin et al., EACL 2017): the mean of learned embeddings of a document's
-    hashed uni- and bigram ids [B, T] (data.ngram_ids; 0 = padding, left out of the mean), then a LayerNorm.
-    Embeddings start small, as in fastText (uniform in +-1/D). Output [B, D]."""
+    """fastText-style encoder (Joulin et al., EACL 2017): the mean learned embedding of a document's hashed
+    uni- and bigram ids [B, T] (data.ngram_ids; 0 = padding, left out), then a LayerNorm; [B, D]."""
 
     def __init__(self, buckets, feature_dim=128):
         super().__init__()
         self.embedding = nn.EmbeddingBag(buckets + 1, feature_dim, mode="mean", padding_idx=0)
-        nn.init.uniform_(self.embedding.weight, -1 / feature_dim, 1 / feature_dim)
+        nn.init.uniform_(self.embedding.weight, -1 / feature_dim, 1 / feature_dim)  # small, as in fastText
         with torch.no_grad():
             self.embedding.weight[0].zero_()
         self.norm = nn.LayerNorm(feature_dim)
 
     def forward(self, ids):
-        # One flat bag of the non-padding ids per document: most of a padded row is 0, and leaving the
-        # zeros out makes the backward pass (which sorts the ids) several times cheaper.
-        present = ids > 0
+        present = ids > 0  # one flat bag without the padding: the backward pass gets several times cheaper
         counts = present.sum(1)
         return self.norm(self.embedding(ids[present], torch.cumsum(counts, 0) - counts))
 
 
-def text_encoder(arch, info, feature_dim=128):
-    """fastText over hashed n-grams ("fasttext"), or one linear layer + LayerNorm on TF-IDF ("tfidf-linear")."""
-    wanted = {"fasttext": "words", "tfidf-linear": "tfidf"}[arch]
-    if info.modality != "text" or info.extra.get("input") != wanted:
-        raise ValueError(f"--arch {arch} needs a text dataset with {wanted} input; {info.name} has "
-                         f"{info.modality} data ({info.extra.get('input', 'no text input')})")
-    if arch == "fasttext":
-        return FastText(info.extra["buckets"], feature_dim), feature_dim
-    return nn.Sequential(nn.Linear(info.extra["input_dim"], feature_dim), nn.LayerNorm(feature_dim)), feature_dim
-
-
-ARCHS = ("cnn", "resnet18", "resnet50", "pointnet", "fasttext", "tfidf-linear")
+ARCHS = {"cnn": "image", "resnet18": "image", "resnet50": "image", "pointnet": "points", "fasttext": "words",
+         "tfidf-linear": "tfidf"}  # the input each encoder reads
 
 
 def build_encoder(arch, info):
-    """Encoder f for a dataset: returns (module mapping a batch to [B, feature_dim], feature_dim)."""
+    """Encoder f for a dataset: (module mapping a batch to [B, feature_dim], feature_dim)."""
+    given = info.extra.get("input", info.modality)
+    if ARCHS.get(arch) != given:
+        raise ValueError(f"--arch {arch} reads {ARCHS.get(arch, 'nothing we know')} input; {info.name} has {given} "
+                         f"input, which {', '.join(name for name, kind in ARCHS.items() if kind == given)} read")
     if arch == "cnn":
         return small_cnn(info.channels)
-    if arch in ("resnet18", "resnet50"):
+    if arch.startswith("resnet"):
         return cifar_resnet(arch, info.channels)
     if arch == "pointnet":
-        return PointNet(feature_dim=256), 256
-    if arch in ("fasttext", "tfidf-linear"):
-        return text_encoder(arch, info)
-    raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+        return PointNet(), 256
+    if arch == "fasttext":
+        return FastText(info.extra["buckets"]), 128
+    return nn.Sequential(nn.Linear(info.extra["input_dim"], 128), nn.LayerNorm(128)), 128
 
 
 def projection_head(feature_dim, out_dim=128):
@@ -494,11 +478,8 @@ def projection_head(feature_dim, out_dim=128):
 
 
 class GatherAcrossRanks(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows.
-
-    Every rank computes the same loss on the global batch, so the local rows receive world_size times
-    their single-process gradient; DDP's gradient averaging divides that back out.
-    """
+    """All-gather along dim 0 whose backward sums every rank's gradient for the local rows: every rank takes
+    the same loss on the global batch, so its rows get world_size times their gradient; DDP averages it back."""
 
     @staticmethod
     def forward(ctx, tensor):
@@ -510,94 +491,76 @@ class GatherAcrossRanks(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        rows = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def gather_across_ranks(tensor):
     """The global batch: every rank's tensor concatenated along dim 0 (identity outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return GatherAcrossRanks.apply(tensor)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return GatherAcrossRanks.apply(tensor) if distributed else tensor
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line, presets and the training loop (identical in every method file)
-# --------------------------------------------------------------------------------------------------
-
-PRESETS = {
+PRESETS = {  # the SupCon reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned
     "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
     "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
     "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
-    # The SupCon reference recipe for CIFAR-100.
     "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
-    # Point clouds: PointNet. The shapes demo took 3.8 min on 2 CPU cores shared with other jobs.
     "shapes": dict(arch="pointnet", batch_size=64, lr=0.1, epochs=3, warmup_epochs=1),
     "modelnet40": dict(arch="pointnet", batch_size=256, lr=0.2, epochs=200, warmup_epochs=10),
-    # Text: fastText over hashed uni+bigrams; rcv1 (TF-IDF input) through one linear layer. Only the
-    # skdocs presets were measured (lr 0.1 beat 0.03 and 0.5; 2 diverged); the others are untuned.
     "skdocs": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
     "skdocs-multilabel": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
     "20newsgroups": dict(arch="fasttext", batch_size=256, lr=0.1, epochs=30, warmup_epochs=2),
     "wos": dict(arch="fasttext", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
     "rcv1": dict(arch="tfidf-linear", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
 }
+# What a resumed run may change: where it runs, reads and writes, not what it computes.
+RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
+             "save_every", "no_eval")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
-    p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="fetch a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups, "
-                        "rcv1) into --data-dir; --no-download forbids it")
-    p.add_argument("--wos-release", choices=data.WOS_RELEASES, default="46985", help="the release --dataset wos reads")
-    p.add_argument("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
-    p.add_argument("--epochs", type=int, help="training epochs; default from the preset")
-    p.add_argument("--batch-size", type=int, help="global batch size (samples, each with 2 views)")
-    p.add_argument("--lr", type=float, help="peak SGD learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
-    p.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
-    p.add_argument("--device", default=None, help="cuda if available, else cpu")
-    p.add_argument("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
-    p.add_argument("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (lazily composed data, --aug torchvision)")
-    p.add_argument("--aug", choices=("gpu", "torchvision"), default="gpu",
-                   help="gpu: both views made batched on the training device; torchvision: the reference pipeline, "
-                        "PIL transforms per image in DataLoader workers (images only, for speed comparisons)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype (the losses stay fp32): auto is bf16 on GPUs that have it natively, fp16 "
-                        "with a loss scaler on older ones (T4, V100), fp32 on a CPU")
-    p.add_argument("--chunks", default="auto",
-                   help="compute each step's batch in this many chunks of samples (gradient caching): the gradient of "
-                        "that many DDP ranks, in a chunk's memory; auto: 1 on a CPU, the fewest that fit on a GPU")
-    p.add_argument("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
-    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="every N optimizer steps, a kNN probe (k = 20) of a held-out part of the training set "
-                        "(--probe-share, left out of training) into metrics.jsonl; 0: off")
-    p.add_argument("--probe-share", type=float, default=0.1,
-                   help="--eval-every: class-stratified share of the training set held out for the probe")
+    add = p.add_argument
+    add("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
+    add("--data-dir", default="./data", help="where datasets are read from / downloaded to")
+    add("--download", action=argparse.BooleanOptionalAction, default=True,
+        help="fetch a missing dataset with a checksummed source; --no-download forbids it")
+    add("--wos-release", choices=data.WOS_RELEASES, default="46985", help="the release --dataset wos reads")
+    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    add("--epochs", type=int, help="training epochs; default from the preset")
+    add("--batch-size", type=int, help="global batch size (samples, two views each); default from the preset")
+    add("--lr", type=float, help="peak SGD learning rate; default from the preset")
+    add("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    add("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay; default from the preset")
+    add("--seed", type=int, default=0, help="seeds python, numpy and torch")
+    add("--device", default=None, help="cuda if available, else cpu")
+    add("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
+    add("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    add("--workers", type=int, default=2, help="DataLoader workers for data that is not kept resident")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    add("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+        help="autocast dtype (losses stay fp32): auto is bf16 on GPUs that have it, fp16 with a loss scaler before")
+    add("--chunks", default="auto", help="compute each step in this many chunks of samples (gradient caching, the "
+        "gradient of that many DDP ranks); auto: 1 on a CPU, on a GPU the fewest that fit")
+    add("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
+    add("--resume", default=None, help="checkpoint to continue from, with the same options (run folder: its own)")
+    add("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    add("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+    add("--eval-every", type=int, default=0, help="every N steps, a kNN probe of a held-out part of the training "
+        "set (--probe-share, left out of training) into metrics.jsonl; 0: off")
+    add("--probe-share", type=float, default=0.1, help="--eval-every: class-stratified share held out for the probe")
     add_method_arguments(p)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    positive = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
-    for name, value in positive.items():
-        if value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if min(args.warmup_epochs, args.weight_decay, args.workers) < 0:
-        p.error("--warmup-epochs, --weight-decay and --workers must not be negative")
-    if not 0.0 < args.fraction <= 1.0:
-        p.error(f"--fraction must lie in (0, 1], got {args.fraction}")
-    if args.eval_every < 0 or not 0.0 < args.probe_share < 1.0:
-        p.error("--eval-every must not be negative and --probe-share must lie in (0, 1)")
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    for name in ("epochs", "batch_size", "lr", "save_every"):
+        if not getattr(args, name) > 0:  # also refuses NaN
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not min(args.warmup_epochs, args.weight_decay, args.workers, args.eval_every) >= 0:
+        p.error("--warmup-epochs, --weight-decay, --workers and --eval-every must not be negative")
+    if not (0.0 < args.fraction <= 1.0 and 0.0 < args.probe_share < 1.0):
+        p.error(f"--fraction must lie in (0, 1] and --probe-share in (0, 1), got {args.fraction}, {args.probe_share}")
     if args.chunks != "auto" and not (args.chunks.isdigit() and int(args.chunks) > 0):
         p.error(f"--chunks must be a positive integer or auto, got {args.chunks!r}")
     check_method_arguments(p, args)
@@ -615,77 +578,47 @@ def learning_rate(step, total_steps, warmup_steps, peak):
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    floor = peak * 1e-3
-    return floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+    return peak * 1e-3 + peak * (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def read_checkpoint(path, args):
+    """The checkpoint at `path`, or one line saying why it cannot continue this run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(state, dict) or state.get("method") != METHOD:
+        raise SystemExit(f"{path} is not a {METHOD} checkpoint")
+    for key, value in state["config"].items():
+        if key not in RESUMABLE and getattr(args, key, None) != value:
+            raise SystemExit(f"{path} was trained with --{key.replace('_', '-')} {value!r}, this run has "
+                             f"{getattr(args, key, None)!r}; --resume continues a run (give another --out to start one)")
+    return state
 
 
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, args):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
-    if not isinstance(state, dict) or state.get("method") != METHOD:
-        found = state.get("method") if isinstance(state, dict) else type(state).__name__
-        raise SystemExit(f"{path} is not a {METHOD} checkpoint (found {found!r})")
-    return state
-
-
-# What a resumed run may change: where it runs, reads and writes, not what it computes.
-RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
-             "save_every", "no_eval")
-
-
-def check_same_run(state, args):
-    """Refuse to resume with an option that changes the data, the schedule or the method, naming it."""
-    for key, value in state["config"].items():
-        if key not in RESUMABLE and getattr(args, key, None) != value:
-            raise SystemExit(f"{args.resume} was trained with --{key.replace('_', '-')} {value!r}, this run has "
-                             f"{getattr(args, key, None)!r}; --resume continues a run (give another --out to start one)")
-
-
-def keep_metrics_until(path, epoch, step):
-    """Drop the metrics lines of epochs after `epoch` and the probes after global step `step`: a run killed
-    after its last checkpoint logged them, and the resumed run takes those steps again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f]
-        kept = [record for record in records if (record["step"] <= step if "step" in record else record["epoch"] <= epoch)]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in kept)
-
-
-def setup_distributed(args):
-    """(rank, world_size, device); under torchrun a process group with nccl on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world_size == 1:
-        return 0, 1, torch.device(device_name)
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_precision(precision, device):
-    """auto: bf16 on GPUs that have it natively (Ampere and newer), fp16 with a loss scaler before them
-    (T4, V100), fp32 on a CPU."""
+    """auto: bf16 on GPUs with bf16 units (Ampere and newer), fp16 with a loss scaler before them, fp32 on a CPU."""
     if precision != "auto":
         return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def any_rank(flag, world_size, device):
+    """True on every rank when `flag` is true on one (a collective only under torchrun)."""
+    if world_size == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
@@ -695,11 +628,10 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     Limited Setup", 2021): every chunk of samples is embedded without a graph, the loss and its gradient
     with respect to the embeddings are taken on the whole batch, then each chunk is embedded again and
     back-propagated with its part of that gradient, so memory is that of one chunk. BatchNorm normalises
-    each chunk on its own: the gradient is that of `chunks` DDP ranks with the batch split between them
-    (how the SupCon reference trained, on 8 GPUs). Every chunk starts from the step's buffers and only
-    chunk 0's BatchNorm statistics are kept, as DDP keeps rank 0's. We chose this over activation
-    checkpointing (full-batch BatchNorm) because that cuts memory by a fixed factor, while chunks cut it
-    as far as a card needs.
+    each chunk on its own: the gradient is that of `chunks` DDP ranks sharing the batch, which is how the
+    SupCon reference trained (8 GPUs). Every chunk starts from the step's buffers and only chunk 0's
+    BatchNorm statistics are kept, as DDP keeps rank 0's. Chosen over activation checkpointing (full-batch
+    BatchNorm) because that cuts memory by a fixed factor, where chunks cut it as far as a card needs.
     """
     if chunks == 1:
         with autocast:
@@ -732,16 +664,14 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
 def fewest_chunks(model, views, targets, autocast, device):
     """--chunks auto on a GPU: (chunks, fits, peak bytes) for the fewest chunks, 1, 2, 4, ..., in which one
     chunk's forward and backward fit, tried on a real batch; buffers and gradients are left as they were."""
-    step_buffers = [buffer.clone() for buffer in model.buffers()]
-    chunks, batch = 1, views.shape[1]
+    step_buffers, chunks = [buffer.clone() for buffer in model.buffers()], 1
     while True:
-        size = -(-batch // chunks)
+        size, fits = -(-views.shape[1] // chunks), True
         torch.cuda.reset_peak_memory_stats(device)
         try:
             with autocast:
                 outputs = method_forward(model, views[:, :size], targets[:size])
             sum(output.float().sum() for output in outputs if output is not None).backward()
-            fits = True
         except torch.OutOfMemoryError:
             fits = False
         outputs = None
@@ -754,33 +684,30 @@ def fewest_chunks(model, views, targets, autocast, device):
         chunks *= 2
 
 
-def any_rank(flag, world_size, device):
-    """True on every rank when `flag` is true on one: ranks must agree to leave the loop at the same step."""
-    if world_size == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
 def train(args):
-    rank, world_size, device = setup_distributed(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world_size > 1:  # torchrun: one process per device, nccl on CUDA, gloo on CPU
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
     seed_everything(args.seed)
     default_out = os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out)
+    shared = [args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out)]
     if world_size > 1:  # every rank writes into rank 0's run folder
-        shared = [args.out]
         dist.broadcast_object_list(shared)
-        args.out = shared[0]
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    if rank == 0 and args.resume is None and os.path.exists(checkpoint_path):
-        raise SystemExit(f"{checkpoint_path} exists; pass --resume {checkpoint_path} or another --out")
-    resumed = load_checkpoint(args.resume, args) if args.resume else None
+    args.out = shared[0]
+    checkpoint_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if rank == 0 and not args.resume and (os.path.exists(checkpoint_path) or os.path.exists(metrics_path)):
+        raise SystemExit(f"{args.out} holds another run; pass --resume {checkpoint_path} or another --out")
+    resumed = read_checkpoint(args.resume, args) if args.resume else None
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
-    # Rank 0 downloads a missing dataset first, so that no two ranks write the same files; the others wait
-    # in a gloo group of their own whose deadline no download reaches (nccl's watchdog would end them).
+    # Rank 0 downloads a missing dataset first; the others wait in a gloo group of their own, whose deadline
+    # no download reaches (nccl's watchdog would end them after 10 minutes).
     download_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world_size > 1 else None
     if rank > 0:
         dist.barrier(group=download_wait)
@@ -789,19 +716,16 @@ def train(args):
         dist.barrier(group=download_wait)
     if args.eval_every:  # the convergence probe never looks at the test set
         train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
-    info = train_set.info
-    if args.aug == "torchvision" and info.modality != "image":
-        raise SystemExit(f"--aug torchvision is the reference image pipeline; {args.dataset} holds {info.modality}")
-    resident = data.to_device(train_set, device) if args.aug == "gpu" else train_set
+    info, resident = train_set.info, data.to_device(train_set, device)
 
-    model = build_model(args, info).to(device)
-    if resumed:  # after build_model, which settles the method's automatic defaults
-        check_same_run(resumed, args)
+    try:
+        model = build_model(args, info).to(device)
+    except ValueError as error:  # an --arch that does not read this data
+        raise SystemExit(f"error: {error}") from None
     if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
-        if args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     core = model.module if world_size > 1 else model
     step_model = torch.compile(model) if args.compile else model
@@ -812,49 +736,35 @@ def train(args):
         optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
     precision = resolve_precision(args.precision, device)
     autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs its loss scaled
-    start_epoch, start_step, start_losses = 0, 0, []
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients need a loss scale
+    epoch, skip, losses = 0, 0, []  # skip > 0: the steps a stopped run took of the epoch it stopped in
     if resumed:
-        core.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        start_epoch, start_step = resumed["epoch"], resumed["step"]
-        start_losses = [loss.to(device) for loss in resumed["losses"]]
+        for part, target in (("model", core), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if resumed.get(part):  # (a checkpoint of an fp32 run holds an empty scaler)
+                target.load_state_dict(resumed[part])
+        epoch, skip, losses = resumed["epoch"], resumed["step"], [loss.to(device) for loss in resumed["losses"]]
         random.setstate(resumed["rng"]["python"])
         np.random.set_state(resumed["rng"]["numpy"])
         torch.set_rng_state(resumed["rng"]["torch"])
 
-    if args.chunks != "auto":
-        chunks = int(args.chunks)
-    elif device.type == "cuda":  # try the step on a real batch in 1, 2, 4, ... chunks; keep the fewest that fit
-        views, y = next(iter(data.training_views(resident, info, args.aug, args.batch_size, torch.Generator(),
-                                                 torch.Generator(device), device, rank, world_size, args.workers)))
-        chunks, fits, peak = fewest_chunks(core, views, y, autocast, device)
+    chunks = 1 if args.chunks == "auto" else int(args.chunks)
+    if args.chunks == "auto" and device.type == "cuda":  # try a real batch whole, then in 2, 4, ... chunks
+        x, y = next(data.batches(resident, args.batch_size, torch.Generator(), device, rank, world_size, args.workers))
+        chunks, fits, peak = fewest_chunks(core, data.two_views(x, info, torch.Generator(device)), y, autocast, device)
+        agreed = torch.tensor([chunks, 1 - fits], device=device)
         if world_size > 1:
-            agreed = torch.tensor([chunks, 1 - fits], device=device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            chunks, fits = int(agreed[0]), not agreed[1]
-        if not fits:
-            raise SystemExit(f"out of memory: a step of one sample does not fit on {device}; lower --image-size or "
-                             f"use a smaller --arch")
+        if agreed[1]:
+            raise SystemExit(f"out of memory: not even one sample a step fits on {device}; try a smaller --arch")
+        chunks, total = int(agreed[0]), torch.cuda.get_device_properties(device).total_memory
         if rank == 0:
-            tried = " or ".join(f"{count} chunks" for count in [1 << k for k in range(chunks.bit_length() - 1)])
-            print(f"memory: {rank_batch} samples a step " + (f"did not fit in {tried}; chose --chunks {chunks}"
-                  if chunks > 1 else "fit in one piece") + f", peak {peak / 2**30:.1f} GiB of "
-                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
-        del views, y
-    else:
-        chunks = 1
-    if chunks > rank_batch:
-        raise SystemExit(f"--chunks {chunks} is more than the {rank_batch} samples of a step on each rank")
-    if chunks > 1 and args.sync_bn:
-        raise SystemExit("--sync-bn with --chunks above 1 cannot be exact (each chunk's statistics would be synced "
-                         "across ranks but not across chunks); use one or the other")
+            print(f"memory: tried {', '.join(str(1 << k) for k in range(chunks.bit_length()))} chunks of the "
+                  f"{rank_batch} samples a step; chose --chunks {chunks}, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
+    if chunks > rank_batch or (chunks > 1 and args.sync_bn):
+        raise SystemExit(f"--chunks {chunks} cannot work here: more than the {rank_batch} samples of a step on each rank, "
+                         "or with --sync-bn (statistics synced across ranks but not across chunks)")
 
-    def checkpoint(epoch, step=0, losses=()):
-        """After `epoch` epochs and `step` steps of the next one, whose losses so far are kept for its mean."""
+    def checkpoint(epoch, step=0):
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
@@ -862,19 +772,25 @@ def train(args):
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
 
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    def log(record):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if resumed:
-            keep_metrics_until(metrics_path, start_epoch, start_epoch * steps + start_step)
+        if resumed and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
+            with open(metrics_path) as f:
+                records = [json.loads(line) for line in f]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records
+                             if (r["step"] <= epoch * steps + skip if "step" in r else r["epoch"] <= epoch))
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
-        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): "
-              f"{args.arch}, {args.epochs} epochs x {steps} steps of {args.batch_size}"
-              f"{f' in {chunks} chunks' if chunks > 1 else ''}, {precision}, device {device}, world {world_size} "
-              f"-> {args.out}")
-    progress = tqdm(total=total_steps, initial=start_epoch * steps + start_step, disable=rank != 0, desc=METHOD,
-                    dynamic_ncols=True)
+        print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): {args.arch}, "
+              f"{args.epochs} epochs x {steps} steps of {args.batch_size}{f' in {chunks} chunks' * (chunks > 1)}, "
+              f"{precision}, device {device}, world {world_size} -> {args.out}")
+    progress = tqdm(total=total_steps, initial=epoch * steps + skip, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
     stop = []  # Ctrl-C and SIGTERM (preemption, time limits) end the run at the next step boundary
 
     def request_stop(signum, frame):
@@ -882,56 +798,48 @@ def train(args):
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
 
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    epoch, skip, losses = start_epoch, start_step, start_losses  # skip > 0 in the epoch a stopped run stopped in
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(epoch, args.epochs):
             model.train()
-            # Data order and augmentation depend only on (seed, epoch, rank): a resumed run replays them.
-            order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            augment = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch * 1_009 + rank + 1)
             started = time.perf_counter()
-            epoch_views = data.training_views(resident, info, args.aug, args.batch_size, order, augment, device,
-                                              rank, world_size, args.workers)
-            for step, (views, y) in enumerate(epoch_views):
-                if step < skip:  # taken before the stop; its views are still drawn, so that later ones match
+            order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # data order: (seed, epoch) only
+            for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size,
+                                                       args.workers)):
+                if step < skip:  # taken before the stop
                     continue
+                global_step = epoch * steps + step + 1  # the views depend on (seed, step, rank) only
+                augment = torch.Generator(device).manual_seed((args.seed * 10_000_019 + global_step) * 1_024 + rank)
                 optimizer.zero_grad(set_to_none=True)
-                loss = training_step(step_model, views, y, args, info, chunks, autocast, scaler)
+                losses.append(training_step(step_model, data.two_views(x, info, augment), y, args, info, chunks,
+                                            autocast, scaler).detach())
                 scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scaler then backs off
                 scaler.update()
                 scheduler.step()
-                losses.append(loss.detach())
                 progress.update()
-                global_step = epoch * steps + step + 1
                 if args.eval_every and global_step % args.eval_every == 0 and rank == 0:
-                    probe = linear_eval.knn_probe(core.encoder, train_set, probe_set, device)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"epoch": epoch + 1, "step": global_step, "probe_knn_top1": probe}) + "\n")
+                    name = "probe_knn_map" if info.multilabel else "probe_knn_top1"
+                    log({"epoch": epoch + 1, "step": global_step,
+                         name: linear_eval.knn_probe(core.encoder, train_set, probe_set, device)})
                 if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
                     check_finite(losses, epoch, steps, checkpoint_path)
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
-                if any_rank(stop, world_size, device):
+                if any_rank(stop, world_size, device):  # every rank stops at the same step
                     check_finite(losses, epoch, steps, checkpoint_path)
-                    checkpoint(epoch, step + 1, losses)
-                    raise SystemExit(f"\n{stop[0] if stop else 'a signal to another rank'}: stopped after step "
+                    checkpoint(epoch, step + 1)
+                    raise SystemExit(f"\n{stop[0] if stop else 'another rank was signalled'}: stopped after step "
                                      f"{step + 1}/{steps} of epoch {epoch + 1}; saved {checkpoint_path} (the same "
                                      f"command with --resume {checkpoint_path} continues from there)")
-            epoch_loss = torch.stack(losses).mean().item()
             seconds = time.perf_counter() - started
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"epoch": epoch + 1, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0],
-                                        "seconds": seconds,
-                                        "views_per_s": (steps - skip) * args.batch_size * 2 / seconds}) + "\n")
+            log({"epoch": epoch + 1, "loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
+                 "seconds": seconds, "views_per_s": (steps - skip) * args.batch_size * 2 / seconds})
+            skip, losses = 0, []
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 checkpoint(epoch + 1)
-            skip, losses = 0, []
     except torch.OutOfMemoryError:
-        raise SystemExit(f"out of memory in epoch {epoch + 1} with --chunks {chunks}; the last checkpoint is kept: "
-                         f"the same command with --chunks {2 * chunks} (and --resume {checkpoint_path}, if it "
-                         f"exists) uses less") from None
+        raise SystemExit(f"out of memory in epoch {epoch + 1} with --chunks {chunks}; the same command with --chunks "
+                         f"{2 * chunks} (and --resume {checkpoint_path}, if it exists) needs less") from None
     finally:
         progress.close()
         for signum, handler in handlers.items():
@@ -943,8 +851,7 @@ def train(args):
     if rank > 0 or args.no_eval:
         return None
     test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
-    results = linear_eval.evaluate(core.encoder, train_set, test_set, device,
-                                   classifier=getattr(core, "classifier", None))
+    results = linear_eval.evaluate(core.encoder, train_set, test_set, device, classifier=getattr(core, "classifier", None))
     results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
                "train_samples": len(train_set), **results}
     linear_eval.report(results, args.out)
@@ -956,9 +863,8 @@ def check_finite(losses, epoch, steps, checkpoint_path):
     values = torch.stack(losses)
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
-        step = int(bad[0])
-        raise SystemExit(f"non-finite loss {values[step].item()} at epoch {epoch + 1}, step {step + 1}/{steps}; "
-                         f"stopping (last good checkpoint, if any: {checkpoint_path})")
+        raise SystemExit(f"non-finite loss {values[int(bad[0])].item()} at epoch {epoch + 1}, step {int(bad[0]) + 1}/"
+                         f"{steps}; stopping (last good checkpoint, if any: {checkpoint_path})")
 
 
 if __name__ == "__main__":

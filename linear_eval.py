@@ -32,7 +32,7 @@ Protocols
 Convergence: `hold_out` cuts a class-stratified part off the training set and `knn_probe` scores it by
 weighted kNN during training (the method files log it to metrics.jsonl; bench/curves.py draws it).
 
-Run on checkpoints written by the method files (each gets its results.json):
+Run on checkpoints written by the method files (each gets results-<checkpoint>-<protocol>.json beside it):
     python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt [runs/.../checkpoint.pt ...]
 t-SNE maps of their test embeddings instead (no probe): tsne.png holds a row per level and a column per
 checkpoint, tsne-METHOD-LEVEL.png each map on its own; the fine level is coloured in shades of its coarse
@@ -437,8 +437,8 @@ def classifier_scores(classifier, test_features, test_targets, info, device):
     return {"level": info.level_names[-1], "top1": top1(logits, test_targets[:, -1])}
 
 
-def report(results, out=None):
-    """Print the per-level table and the structure block, and write results.json into the run folder."""
+def report(results, out=None, filename="results.json"):
+    """Print the per-level table and the structure block, and write `filename` into the folder `out`."""
     print(f"\n{results.get('method', '?')} on {results.get('dataset', '?')} ({results['protocol']} protocol)")
     for name, record in results["levels"].items():
         print(f"  {name:>12}: " + "  ".join(f"{key} {value:.4f}" for key, value in record.items()))
@@ -449,7 +449,7 @@ def report(results, out=None):
     if "embedding" in results:
         print(structure_block(results))
     if out:
-        with open(os.path.join(out, "results.json"), "w") as f:
+        with open(os.path.join(out, filename), "w") as f:
             json.dump(results, f, indent=2)
 
 
@@ -668,7 +668,8 @@ def load_split(config, data_dir, split):
 
 
 def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_epochs=100, data_dir=None):
-    """Evaluate one checkpoint's frozen encoder; prints the report and writes results.json beside it."""
+    """Evaluate one checkpoint's frozen encoder; prints the report and writes results-<checkpoint>-<protocol>.json
+    beside it, so that the training run's own results.json stays as the run wrote it."""
     state, config, method = read_checkpoint(path)
     train_set = load_split(config, data_dir, "train")
     test_set = load_split(config, data_dir, "test")
@@ -678,7 +679,8 @@ def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_
                        config.seed, linear_epochs, classifier=getattr(model.to(device), "classifier", None))
     results = {"method": state["method"], "dataset": config.dataset, "fraction": config.fraction,
                "train_samples": len(train_set), **results}
-    report(results, os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    report(results, os.path.dirname(os.path.abspath(path)), f"results-{stem}-{protocol}.json")
     return results
 
 
@@ -703,7 +705,8 @@ def plot_checkpoints(paths, out_dir, device, data_dir=None, max_points=2000):
 
 
 def main(argv=None):
-    """Evaluate each checkpoint (results.json beside it), or with --plot only draw their t-SNE maps."""
+    """Evaluate each checkpoint (results-<checkpoint>-<protocol>.json beside it), or with --plot only draw their
+    t-SNE maps."""
     p = argparse.ArgumentParser(description="Linear evaluation of checkpoints' frozen encoders, or their t-SNE maps")
     p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint.pt files written by the method files")
     p.add_argument("--plot", metavar="DIR", default=None,

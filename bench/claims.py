@@ -62,7 +62,7 @@ def run(job, runs):
     probe = ["--eval-every", str(PROBE_EVERY)] if dataset == "hdigits" and fraction == 1.0 else []
     results = run_once(VARIANTS[name][0], fraction, seed, out, ["--dataset", dataset, "--device", "cpu", *probe])
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        probes = [line["probe_knn_top1"] for line in map(json.loads, f) if "step" in line]
+        probes = [line.get("probe_knn_top1", line.get("probe_knn_map")) for line in map(json.loads, f) if "step" in line]
     results["probe_mean"] = {level: statistics.mean(p[level] for p in probes) for level in probes[0]} if probes else {}
     return job, results
 

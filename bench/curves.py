@@ -55,7 +55,7 @@ def read_run(run_dir):
     with open(metrics_path) as f:
         for line in f:
             record = json.loads(line)
-            for level, accuracy in record.get("probe_knn_top1", {}).items():
+            for level, accuracy in record.get("probe_knn_top1", record.get("probe_knn_map", {})).items():
                 by_level.setdefault(level, {})[record["step"]] = accuracy
     if not by_level:
         raise ValueError(f"{metrics_path} holds no probe_knn_top1 lines (was the run trained with the probe on?)")

@@ -131,7 +131,7 @@ def training_runs(config):
         checkpoint = os.path.join(config.work, "runs", "mlcl", "checkpoint.pt")
         code, seconds, last = run_script(["linear_eval.py", "--checkpoint", checkpoint, "--device", config.device],
                                          timeout=config.run_timeout)
-        results_path = os.path.join(config.work, "runs", "mlcl", "results.json")
+        results_path = os.path.join(config.work, "runs", "mlcl", "results-checkpoint-fast.json")
         passed = code == 0 and os.path.exists(results_path)
         detail = f"exit {code}: `{last[:300]}`"
         if passed:
@@ -376,7 +376,8 @@ def memory_section(config):
     def body(report):
         device = torch.device(config.device)
         arch, batch, steps = ("cnn", 64, 2) if config.quick else ("resnet50", 1024, 10)
-        report.add(f"{arch}, batch {batch} x 2 views (the CIFAR-100 preset's), {steps} timed training steps each.\n")
+        report.add(f"{arch}, batch {batch} x 2 views (without --quick: the CIFAR-100 preset, ResNet-50 at 1024), "
+                   f"{steps} timed training steps each.\n")
         report.add("| check | result | detail |\n|---|---|---|")
         whole, whole_peak, _ = timed_training_steps("supcon", arch, batch, device, 1, "auto", steps)
         report.add(f"| the whole batch, uncapped | measured | {whole * 1000:.0f} ms a step, peak {whole_peak:.1f} GiB |")
