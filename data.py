@@ -43,6 +43,7 @@ import inspect
 import itertools
 import math
 import os
+import pathlib
 import pickle
 import re
 import struct
@@ -91,14 +92,28 @@ def download_or_explain(download, what, source, size, target, by_hand):
         raise DataError(f"could not download {what} from {source} ({reason}); {by_hand}") from error
 
 
-def sklearn_fetch(fetch, download, what, source, size, target, by_hand):
-    """What scikit-learn's fetcher `fetch` returns: from its cache, else downloaded (if allowed) by it."""
+def sklearn_fetch(fetch, download, what, source, size, target, by_hand, archives=(), caches=()):
+    """What scikit-learn's fetcher `fetch` returns: from its cache; else from `archives` [(path, sha256)]
+    put there by hand, which scikit-learn (>= 1.6) reads without a download once their checksums match
+    (checked here first); else downloaded by it, if allowed. An unreadable cache in `caches` is named."""
+    for path, checksum in archives:
+        if os.path.exists(path) and hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() != checksum:
+            raise DataError(f"{path} is not the file scikit-learn expects (sha256 differs from {checksum[:16]}..., "
+                            f"a partial download?); delete it, then {by_hand}")
     try:
         return fetch(download_if_missing=False)
-    except OSError as error:  # scikit-learn's "not found"
-        if not download:
-            raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}") from error
-    return download_or_explain(lambda: fetch(download_if_missing=True), what, source, size, target, by_hand)
+    except Exception as error:  # scikit-learn's "not found" is an OSError; a corrupt cache raises anything
+        broken = [path for path in caches if os.path.exists(path)]
+        if broken:
+            raise DataError(f"{' and '.join(broken)}: scikit-learn's cache of {what} cannot be read ({error!r}); "
+                            f"delete it and run again") from None
+        if not isinstance(error, OSError):
+            raise
+    placed = bool(archives) and all(os.path.exists(path) for path, _ in archives)
+    if not download and not placed:
+        raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}")
+    return download_or_explain(lambda: fetch(download_if_missing=True), what, "the files put there" if placed else
+                               source, size, target, by_hand)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,8 +360,15 @@ class HierarchicalMNIST(Dataset):
         if image_size < 12:
             raise DataError(f"--image-size must be at least 12 for hmnist, got {image_size}")
         image_file, label_file = MNIST_FILES[split]
-        self.digits = read_idx(find_mnist_file(root, image_file, download))
-        self.digit_labels = read_idx(find_mnist_file(root, label_file, download)).long()
+        image_path, label_path = find_mnist_file(root, image_file, download), find_mnist_file(root, label_file, download)
+        self.digits, self.digit_labels = read_idx(image_path), read_idx(label_path).long()
+        if self.digits.dim() != 3 or self.digit_labels.dim() != 1:
+            raise DataError(f"{image_path} must hold images [N, H, W] and {label_path} labels [N]; they hold "
+                            f"{tuple(self.digits.shape)} and {tuple(self.digit_labels.shape)}")
+        if len(self.digits) != len(self.digit_labels) or len(self.digits) == 0:
+            raise DataError(f"{image_path} holds {len(self.digits)} images but {label_path} {len(self.digit_labels)} labels")
+        if self.digit_labels.max() > 9:
+            raise DataError(f"{label_path}: MNIST labels are digits 0..9, found {int(self.digit_labels.max())}")
         self.image_size, self.ring = image_size, max(1, round(image_size / 6))
         self.corners = torch.tensor(ring_positions(image_size, self.ring, image_size - self.ring, self.ring))
         self.seed = seed if split == "train" else 1_000_003
@@ -403,6 +425,15 @@ def cifar100_split(root, split, download):
     unpack = f"unpack cifar-100-python.tar.gz into {root} so that {folder} holds train, test and meta"
     if missing and not download:
         raise DataError(f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
+    tarball = os.path.join(root, "cifar-100-python.tar.gz")
+    if missing and os.path.exists(tarball):  # put there by hand, or left by a download that broke off
+        from torchvision.datasets.utils import check_integrity, extract_archive
+
+        if not check_integrity(tarball, CIFAR100_MD5):
+            raise DataError(f"{tarball} fails its md5 check (not {CIFAR100_MD5}: a partial download?); delete it "
+                            f"and run again, or {unpack}")
+        extract_archive(tarball, root)
+        missing = [name for name in (path, meta_path) if not os.path.exists(name)]
     if missing:
         from torchvision.datasets.utils import download_and_extract_archive
 
@@ -417,6 +448,8 @@ def cifar100_split(root, split, download):
         coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
     except (ValueError, TypeError) as error:
         raise DataError(f"{path}: not a CIFAR-100 batch of 3x32x32 images with integer labels ({error})") from error
+    if len(images) == 0:
+        raise DataError(f"{path}: a CIFAR-100 batch without images")
     if not len(images) == len(fine) == len(coarse):
         raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
     if len(fine) and not 0 <= fine.min() <= fine.max() < 100:
@@ -531,7 +564,7 @@ def modelnet40_split(root, split, groups=None, points=1024):
     groups = MODELNET40_GROUPS if groups is None else groups
     missing = [name for name in names if name not in groups]
     if missing:
-        raise DataError(f"ModelNet40 classes {missing} (from {folder}) have no coarse group; pass groups= with them")
+        raise DataError(f"ModelNet40 classes {missing} (from {folder}) have no coarse group; data.load('modelnet40', ..., groups={{class: group}}) must name one for each")
     group_names = sorted({groups[name] for name in names})
 
     cache = os.path.join(folder, f"modelnet40_{split}_{points}_{key}")
@@ -604,7 +637,10 @@ def read_meshes(files, split, points):
     for k, (class_id, path) in enumerate(tqdm(files, desc=f"sampling ModelNet40 {split} meshes (once)", leave=False)):
         vertices, faces = read_off(path)
         rng = np.random.default_rng([{"train": 0, "test": 1}[split], k])
-        clouds[k], fine[k] = sample_surface(vertices[faces][None], points, rng)[0], class_id
+        try:
+            clouds[k], fine[k] = sample_surface(vertices[faces][None], points, rng)[0], class_id
+        except ValueError as error:  # every face degenerate
+            raise DataError(f"{path}: {error}") from None
     return clouds, fine
 
 
@@ -638,7 +674,9 @@ def read_off(path):
             faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
     except (ValueError, IndexError) as error:
         raise DataError(f"{path}: malformed OFF file ({error})") from error
-    if len(faces) == 0 or faces.min() < 0 or faces.max() >= num_vertices:
+    if len(faces) == 0:
+        raise DataError(f"{path}: a mesh without faces has no surface to sample points from")
+    if faces.min() < 0 or faces.max() >= num_vertices:
         raise DataError(f"{path}: face indices must lie in [0, {num_vertices})")
     return vertices, faces
 
@@ -808,6 +846,9 @@ def wos_split(root, split, release="46985"):
     domains = pairs[:, 0].unique()
     domain = torch.searchsorted(domains, labels["YL1"])  # numbered 0.. even if the files skip one
     keep = split_indices(area, split)
+    if len(keep) == 0:
+        raise DataError(f"{paths['X']}: {len(texts)} documents leave the {split} split empty (20 % of each area goes "
+                        "to test); is the release complete?")
     info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in domains.tolist()],
                                                  [f"domain {k}, area {j}" for k, j in pairs.tolist()]])
     targets = torch.stack([domain, area], dim=1)[keep]
@@ -842,11 +883,15 @@ def newsgroups_split(root, split, download):
     removed. Levels: the group name's top-level prefix ("rec") -> the full group name ("rec.autos")."""
     from sklearn.datasets import fetch_20newsgroups
 
-    source = "https://ndownloader.figshare.com/files/5975967"
-    by_hand = f"put 20news-bydate.tar.gz from {source} into {os.path.join(root, '20news_home')} and run again"
+    from sklearn.datasets import _twenty_newsgroups
+
+    archive, home = _twenty_newsgroups.ARCHIVE, os.path.join(root, "20news_home")
+    by_hand = f"put {archive.filename} from {archive.url} into {home} and run again"
+    cache = os.path.join(root, os.path.splitext(_twenty_newsgroups.CACHE_NAME)[0] + "_py3.pkz")
     bunch = sklearn_fetch(functools.partial(fetch_20newsgroups, data_home=root, subset=split,
                                             remove=("headers", "footers", "quotes")),
-                          download, "20 Newsgroups", source, "14 MB, sha256-checked", root, by_hand)
+                          download, "20 Newsgroups", archive.url, "14 MB, sha256-checked", root, by_hand,
+                          [(os.path.join(home, archive.filename), archive.checksum)], [cache])
     groups = list(bunch.target_names)
     tops = sorted({group.split(".")[0] for group in groups})
     fine = torch.as_tensor(np.asarray(bunch.target), dtype=torch.long)
@@ -871,13 +916,15 @@ def rcv1_split(root, split, download, test_size=20_000):
     set for the raw floor (20,000 x 47,236 floats = 3.8 GB).
     """
     import scipy.sparse
-    from sklearn.datasets import fetch_rcv1
+    from sklearn.datasets import _rcv1, fetch_rcv1
 
     folder = os.path.join(root, "RCV1")
-    by_hand = (f"put scikit-learn's RCV1 files (lyrl2004_vectors_train.dat.gz, lyrl2004_vectors_test_pt0..3.dat.gz, "
-               f"rcv1v2.topics.qrels.gz; their URLs are in sklearn/datasets/_rcv1.py) into {folder} and run again")
+    files = [*_rcv1.XY_METADATA, _rcv1.TOPICS_METADATA]
+    by_hand = f"put the six RCV1 files ({', '.join(f'{f.filename} from {f.url}' for f in files)}) into {folder}"
+    caches = [os.path.join(folder, f"{name}_py3.pkl") for name in ("samples", "sample_id", "sample_topics", "topics_names")]
     bunch = sklearn_fetch(functools.partial(fetch_rcv1, data_home=root, subset=split), download, "RCV1",
-                          "https://ndownloader.figshare.com (6 files)", "656 MB, sha256-checked", folder, by_hand)
+                          "https://ndownloader.figshare.com (6 files)", "656 MB, sha256-checked", folder, by_hand,
+                          [(os.path.join(folder, f.filename), f.checksum) for f in files], caches)
     topics = [str(name) for name in bunch.target_names]
     groups = [(group, [k for k, topic in enumerate(topics) if topic[0] == group[0]]) for group in RCV1_ROOTS]
     if sum(len(members) for _, members in groups) != len(topics):
@@ -1001,22 +1048,22 @@ def skdocs_split(split, multilabel):
 
 # Each loader: (root, split, download, seed, **options) -> Dataset with .info and .targets.
 LOADERS = {
-    "hdigits": lambda root, split, download, seed, size=None, **_: hdigits_split(
+    "hdigits": lambda root, split, download, seed, size=None: hdigits_split(
         split, size or (5000 if split == "train" else 1000), multilabel=False),
-    "hdigits-multilabel": lambda root, split, download, seed, size=None, **_: hdigits_split(
+    "hdigits-multilabel": lambda root, split, download, seed, size=None: hdigits_split(
         split, size or (5000 if split == "train" else 1000), multilabel=True),
-    "cifar100": lambda root, split, download, seed, **_: cifar100_split(root, split, download),
-    "hmnist": lambda root, split, download, seed, image_size=None, **_: HierarchicalMNIST(
+    "cifar100": lambda root, split, download, seed: cifar100_split(root, split, download),
+    "hmnist": lambda root, split, download, seed, image_size=None: HierarchicalMNIST(
         root, split, download, image_size=image_size or 192, seed=seed),
-    "modelnet40": lambda root, split, download, seed, groups=None, points=None, **_: modelnet40_split(
+    "modelnet40": lambda root, split, download, seed, groups=None, points=None: modelnet40_split(
         root, split, groups, points or 1024),
-    "shapes": lambda root, split, download, seed, size=None, points=None, **_: shapes_split(
+    "shapes": lambda root, split, download, seed, size=None, points=None: shapes_split(
         split, size or (2000 if split == "train" else 800), points or 256),
-    "wos": lambda root, split, download, seed, release=None, **_: wos_split(root, split, release or "46985"),
-    "20newsgroups": lambda root, split, download, seed, **_: newsgroups_split(root, split, download),
-    "rcv1": lambda root, split, download, seed, test_size=20_000, **_: rcv1_split(root, split, download, test_size),
-    "skdocs": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=False),
-    "skdocs-multilabel": lambda root, split, download, seed, **_: skdocs_split(split, multilabel=True),
+    "wos": lambda root, split, download, seed, release=None: wos_split(root, split, release or "46985"),
+    "20newsgroups": lambda root, split, download, seed: newsgroups_split(root, split, download),
+    "rcv1": lambda root, split, download, seed, test_size=20_000: rcv1_split(root, split, download, test_size),
+    "skdocs": lambda root, split, download, seed: skdocs_split(split, multilabel=False),
+    "skdocs-multilabel": lambda root, split, download, seed: skdocs_split(split, multilabel=True),
 }
 DATASETS = tuple(LOADERS)
 
@@ -1031,8 +1078,8 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
     method). Options: `size` (hdigits composites; 5000 train / 1000 test by default), `image_size`
     (hmnist canvas, 192 as in the paper), `size` and `points` (shapes: 2000 train / 800 test clouds of
     256 points), `points` and `groups` (modelnet40: 1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000
-    of the 781,265 test documents; None keeps all), `release` (wos: "46985", "11967" or "5736");
-    options a dataset does not use are ignored.
+    of the 781,265 test documents), `release` (wos: "46985", "11967" or "5736"). An option set to None
+    takes its default; an option the dataset does not take is a DataError.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -1040,6 +1087,12 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    options = {key: value for key, value in options.items() if value is not None}
+    accepted = list(inspect.signature(LOADERS[name]).parameters)[4:]
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise DataError(f"{name} takes no option {unknown[0]} (--{unknown[0].replace('_', '-')}); its options: "
+                        f"{', '.join(accepted) or 'none'}")
     dataset = LOADERS[name](root, split, download, seed, **options)
     if split == "train" and fraction < 1.0:
         dataset = dataset.subset(stratified_indices(dataset.targets, fraction, seed))
@@ -1119,6 +1172,20 @@ def rank_shape(num_samples, batch_size, world_size):
 
 def steps_per_epoch(dataset, batch_size, world_size=1):
     return rank_shape(len(dataset), batch_size, world_size)[2]
+
+
+def device_problem(name):
+    """Why `--device name` cannot run here, or None: for the scripts' command lines."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device {name!r} is not a device torch knows (cpu, cuda, cuda:1, mps)"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        return f"--device {name}: this machine has no {device.type} device that torch can use"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices"
+    return None
 
 
 def to_device(dataset, device, max_bytes=8 << 30):

@@ -410,7 +410,7 @@ def parse_args(argv=None):
     add("--data-dir", default="./data", help="where datasets are read from / downloaded to")
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="fetch a missing dataset with a checksummed source; --no-download forbids it")
-    add("--wos-release", choices=data.WOS_RELEASES, default="46985", help="the release --dataset wos reads")
+    add("--wos-release", choices=data.WOS_RELEASES, default=None, help="the release --dataset wos reads (46985)")
     add("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
     add("--epochs", type=int, help="training epochs; default from the preset")
     add("--batch-size", type=int, help="global batch size (samples, two views each); default from the preset")
@@ -448,6 +448,10 @@ def parse_args(argv=None):
         p.error(f"--fraction must lie in (0, 1] and --probe-share in (0, 1), got {args.fraction}, {args.probe_share}")
     if args.chunks != "auto" and not (args.chunks.isdigit() and int(args.chunks) > 0):
         p.error(f"--chunks must be a positive integer or auto, got {args.chunks!r}")
+    if args.batch_size < 2:  # one sample's two views: the positive is the whole denominator, the loss 0
+        p.error(f"--batch-size must be at least 2, got {args.batch_size}")
+    if args.out == "" or (args.device is not None and data.device_problem(args.device)):
+        p.error("--out must name a folder" if args.out == "" else data.device_problem(args.device))
     check_method_arguments(p, args)
     return args
 
@@ -587,7 +591,11 @@ def train(args):
     checkpoint_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and not args.resume and (os.path.exists(checkpoint_path) or os.path.exists(metrics_path)):
         raise SystemExit(f"{args.out} holds another run; pass --resume {checkpoint_path} or another --out")
+    if args.resume and os.path.abspath(args.out) != os.path.dirname(os.path.abspath(args.resume)):
+        raise SystemExit(f"--resume continues in its checkpoint's folder, {os.path.dirname(args.resume)}; leave out --out")
     resumed = read_checkpoint(args.resume, args) if args.resume else None
+    if rank == 0:  # before any data is read: a folder that cannot be made ends the run now, in one line
+        os.makedirs(args.out, exist_ok=True)
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
@@ -599,14 +607,16 @@ def train(args):
     train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
     if rank == 0 and world_size > 1:
         dist.barrier(group=download_wait)
-    if args.eval_every:  # the convergence probe never looks at the test set
-        train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
+    try:
+        if args.eval_every:  # the convergence probe never looks at the test set
+            train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
+        if args.batch_size > len(train_set):
+            raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training samples")
+        model = build_model(args, train_set.info).to(device)
+    except ValueError as error:  # options that do not fit this data (--arch, --probe-share, --batch-size)
+        raise SystemExit(f"error: {error}") from None
     info, resident = train_set.info, data.to_device(train_set, device)
 
-    try:
-        model = build_model(args, info).to(device)
-    except ValueError as error:  # an --arch that does not read this data
-        raise SystemExit(f"error: {error}") from None
     if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
@@ -663,7 +673,6 @@ def train(args):
                 f.write(json.dumps(record) + "\n")
 
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         if resumed and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
             with open(metrics_path) as f:
                 records = [json.loads(line) for line in f]
@@ -753,4 +762,9 @@ def check_finite(losses, epoch, steps, checkpoint_path):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except KeyboardInterrupt:  # before or after the training loop (start-up, the final evaluation): nothing to save
+        raise SystemExit("\ninterrupted") from None
+    except OSError as error:  # the run folder or a file in it cannot be written
+        raise SystemExit(f"error: {error}") from None

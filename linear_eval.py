@@ -655,14 +655,17 @@ def read_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=False)
         config, method_file = SimpleNamespace(**state["config"]), state["method_file"]
     except Exception as error:
-        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
-    return state, config, importlib.import_module(os.path.splitext(method_file)[0])
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from None
+    try:
+        return state, config, importlib.import_module(os.path.splitext(method_file)[0])
+    except ImportError:
+        raise SystemExit(f"{path} names the method file {method_file!r}, which is not a script here") from None
 
 
 def load_split(config, data_dir, split):
     """The split of the checkpoint's dataset it was trained (train: with its --fraction) or tested on."""
-    options = dict(download=False, seed=config.seed, image_size=config.image_size,
-                   release=getattr(config, "wos_release", None))  # checkpoints older than --wos-release lack it
+    release = getattr(config, "wos_release", None) if config.dataset == "wos" else None  # old runs: on every dataset
+    options = dict(download=False, seed=config.seed, image_size=config.image_size, release=release)
     fraction = config.fraction if split == "train" else 1.0
     return data.load_or_exit(config.dataset, data_dir or config.data_dir, split, fraction=fraction, **options)
 
@@ -729,6 +732,8 @@ def main(argv=None):
     for path in args.checkpoint:
         if not os.path.isfile(path):
             p.error(f"no checkpoint at {path}")
+    if args.device is not None and data.device_problem(args.device):
+        p.error(data.device_problem(args.device))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.plot:
         written = plot_checkpoints(args.checkpoint, args.plot, device, args.data_dir, args.max_points)
@@ -739,4 +744,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted") from None
+    except (OSError, ValueError) as error:  # a folder that cannot be written, checkpoints of two datasets
+        raise SystemExit(f"error: {error}") from None
