@@ -706,11 +706,9 @@ def train(args):
     checkpoint_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and not args.resume and (os.path.exists(checkpoint_path) or os.path.exists(metrics_path)):
         raise SystemExit(f"{args.out} holds another run; pass --resume {checkpoint_path} or another --out")
+    resumed = read_checkpoint(args.resume, args) if args.resume else None
     if args.resume and os.path.abspath(args.out) != os.path.dirname(os.path.abspath(args.resume)):
         raise SystemExit(f"--resume continues in its checkpoint's folder, {os.path.dirname(args.resume)}; leave out --out")
-    resumed = read_checkpoint(args.resume, args) if args.resume else None
-    if rank == 0:  # before any data is read: a folder that cannot be made ends the run now, in one line
-        os.makedirs(args.out, exist_ok=True)
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
@@ -722,6 +720,8 @@ def train(args):
     train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
     if rank == 0 and world_size > 1:
         dist.barrier(group=download_wait)
+    if rank == 0:  # once the data is there, before anything trains: a folder that cannot be made is one line
+        os.makedirs(args.out, exist_ok=True)
     try:
         if args.eval_every:  # the convergence probe never looks at the test set
             train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
