@@ -210,8 +210,9 @@ def test_level_attention_matches_per_level_gates():
 
 
 @pytest.mark.parametrize("script, extra", [("hmlc_gmm.py", []), ("hmlc_gmm.py", ["--mask", "none"]),
-                                           ("hmlc_attention.py", [])])
+                                           ("hmlc_attention.py", ["--epochs", "8"])])
 def test_hmlc_scripts_beat_chance(tmp_path, script, extra):
+    """(A-HMLC's gates learn slower: at 3 and 5 epochs its category probe sits at 0.19-0.21, so it gets 8.)"""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, script, "--epochs", "3", "--fraction", "0.3", "--batch-size", "128",
                              "--device", "cpu", "--out", str(out), *extra],
@@ -248,7 +249,7 @@ def test_all_ones_masks_and_constant_gates_give_exactly_hmce():
         model, _ = masked_model(module, flags)
         model = model.double()
         if module is hmlc_gmm:
-            model.level_masks = lambda features, labels: torch.ones(2, *features.shape, dtype=features.dtype)
+            model.level_masks = lambda features, labels, views=1: torch.ones(2, *features.shape, dtype=features.dtype)
         else:
             with torch.no_grad():
                 model.attention.w2.zero_()

@@ -494,14 +494,16 @@ def majority_rate(targets):
 @pytest.mark.parametrize("script", ["supcon.py", "mlcl.py", "hmlc_gmm.py", "hmlc_attention.py"])
 def test_method_scripts_learn_skdocs(tmp_path, script):
     out = tmp_path / "run"
-    run_script(script, "--dataset", "skdocs", *TINY, "--out", str(out))
+    # MLCL's CE classifier over 188 estimators needs 6 epochs to clear twice the majority rate (0.024 at 4)
+    run_script(script, "--dataset", "skdocs", *TINY, *(["--epochs", "6"] if script == "mlcl.py" else []),
+               "--out", str(out))
     results = json.loads((out / "results.json").read_text())
     test = data.load("skdocs", split="test")
     levels = results["levels"]
     assert levels["module"]["linear_top1"] > majority_rate(test.targets[:, 0]) + 0.15
     assert levels["estimator"]["linear_top1"] > 2.5 * majority_rate(test.targets[:, 1])
     if script == "mlcl.py":  # the CE term is on by default for text, and its classifier is evaluated
-        assert json.loads((out / "config.json").read_text())["ce_weight"] == 1.0
+        assert json.loads((out / "config.json").read_text())["ce_weight"] is None  # not given: on for text
         assert results["classifier"]["level"] == "estimator"
         assert results["classifier"]["top1"] > 2 * majority_rate(test.targets[:, 1])
     else:
