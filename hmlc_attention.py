@@ -197,32 +197,32 @@ class AHMLCModel(nn.Module):
     residual multiplies by 1 + M_l; --mask-on encoder gives z_l = normalize(E(f(x) * M_l(f(x)))).
     """
 
-    def __init__(self, arch, info, args):
+    def __init__(self, arch, info, gate="plain", gate_input="encoder", mask_on="projection", shared_term=False):
         super().__init__()
         self.encoder, feature_dim = build_encoder(arch, info)
         self.head = projection_head(feature_dim)
-        self.args = args
+        self.gate, self.gate_input, self.mask_on, self.shared_term = gate, gate_input, mask_on, shared_term
         projection_dim = self.head[-1].out_features
-        gate_in = feature_dim if args.gate_input == "encoder" else projection_dim
-        gate_out = feature_dim if args.mask_on == "encoder" else projection_dim
+        gate_in = feature_dim if gate_input == "encoder" else projection_dim
+        gate_out = feature_dim if mask_on == "encoder" else projection_dim
         self.attention = LevelAttention(gate_in, gate_out, len(info.level_names))
 
     def gates(self, features):
         masks = self.attention(features)
-        return 1 + masks if self.args.gate == "residual" else masks
+        return 1 + masks if self.gate == "residual" else masks
 
     def forward(self, x):
         return self.embed(self.encoder(x))
 
     def embed(self, h, labels=None):
         """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
-        if self.args.mask_on == "encoder":
+        if self.mask_on == "encoder":
             levels = F.normalize(self.head(h[None] * self.gates(h)), dim=-1)
-            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
+            shared = F.normalize(self.head(h), dim=-1) if self.shared_term else None
             return levels, shared
         e = self.head(h)
-        masks = self.gates(h if self.args.gate_input == "encoder" else e)
-        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
+        masks = self.gates(h if self.gate_input == "encoder" else e)
+        shared = F.normalize(e, dim=-1) if self.shared_term else None
         return F.normalize(e[None] * masks, dim=-1), shared
 
 
@@ -253,7 +253,7 @@ def method_loss(outputs, targets, args, info):
 def build_model(args, info):
     if info.multilabel:
         raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
-    return AHMLCModel(args.arch, info, args)
+    return AHMLCModel(args.arch, info, args.gate, args.gate_input, args.mask_on, args.shared_term)
 
 
 def add_method_arguments(p):

@@ -269,48 +269,58 @@ class GHMLCModel(nn.Module):
 
     forward(x, labels) -> (level features [L, N, D], shared features [N, D] or None), all normalised:
     z_l = normalize(E(f(x)) * M_l) (masks on the projection), or normalize(E(f(x) * M_l)) (masks on
-    the encoder feature, one shared head). `--mask none` gives [1, N, D], the plain HMCE embedding.
+    the encoder feature, one shared head). `mask="none"` gives [1, N, D], the plain HMCE embedding.
+    The first `mask_warmup_steps` training steps use all-ones masks (plain HMCE), so that the GMM is
+    fitted to features that mean something; the count is a buffer, one per training forward pass (the
+    chunked step restores buffers before every chunk, so a step counts once whatever --chunks is).
     """
 
-    def __init__(self, arch, info, args):
+    def __init__(self, arch, info, mask="gmm", mask_on="projection", gmm_over="sample", mask_per="view",
+                 gmm_iters=10, dims_momentum=0.9, shared_term=False, mask_warmup_steps=50):
         super().__init__()
         self.encoder, feature_dim = build_encoder(arch, info)
         self.head = projection_head(feature_dim)
-        self.levels, self.args = len(info.level_names), args
-        masked_dim = feature_dim if args.mask_on == "encoder" else self.head[-1].out_features
+        self.levels, self.mask, self.mask_on, self.gmm_over, self.mask_per = len(info.level_names), mask, mask_on, gmm_over, mask_per
+        self.gmm_iters, self.dims_momentum, self.shared_term = gmm_iters, dims_momentum, shared_term
+        self.mask_warmup_steps = mask_warmup_steps
+        masked_dim = feature_dim if mask_on == "encoder" else self.head[-1].out_features
         # --gmm-over dims: the running label-variance score of every masked dimension (NaN until the first batch)
         self.register_buffer("dimension_scores", torch.full((masked_dim,), float("nan")))
+        self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
 
     def level_masks(self, features, labels, views=1):
         """[L, N, D] (per sample) or [L, 1, D] (per batch) 0/1 masks from detached features [N, D], whose
-        rows are `views` view-major blocks (--mask-per image fits one GMM to each image's mean embedding)."""
-        if self.args.gmm_over == "sample" and self.args.mask_per == "image":
+        rows are `views` view-major blocks (mask_per="image" fits one GMM to each image's mean embedding)."""
+        if self.training:
+            self.steps_trained += 1
+            if self.steps_trained <= self.mask_warmup_steps:
+                return torch.ones(self.levels, 1, features.shape[-1], dtype=features.dtype, device=features.device)
+        if self.gmm_over == "sample" and self.mask_per == "image":
             images = features.view(views, -1, features.shape[-1]).mean(0)
-            return gmm_masks(images, self.levels, self.args.gmm_iters).repeat(1, views, 1)
-        if self.args.gmm_over == "sample":
-            return gmm_masks(features, self.levels, self.args.gmm_iters)
+            return gmm_masks(images, self.levels, self.gmm_iters).repeat(1, views, 1)
+        if self.gmm_over == "sample":
+            return gmm_masks(features, self.levels, self.gmm_iters)
         if self.training:
             scores = label_variance_scores(features, labels)
-            previous = self.dimension_scores
-            momentum = self.args.dims_momentum
+            previous, momentum = self.dimension_scores, self.dims_momentum
             self.dimension_scores.copy_(torch.where(previous.isnan(), scores, momentum * previous + (1 - momentum) * scores))
-        return gmm_masks(self.dimension_scores[None], self.levels, self.args.gmm_iters)
+        return gmm_masks(self.dimension_scores[None], self.levels, self.gmm_iters)
 
     def forward(self, x, labels=None, views=1):
         return self.embed(self.encoder(x), labels, views)
 
     def embed(self, h, labels, views=1):
         """Everything after the encoder: encoder features h [N, F] -> (level features, shared features)."""
-        if self.args.mask == "none":
+        if self.mask == "none":
             return F.normalize(self.head(h), dim=-1)[None], None
-        if self.args.mask_on == "encoder":
+        if self.mask_on == "encoder":
             masks = self.level_masks(h.detach(), labels, views)
             levels = F.normalize(self.head(h[None] * masks.to(h.dtype)), dim=-1)
-            shared = F.normalize(self.head(h), dim=-1) if self.args.shared_term else None
+            shared = F.normalize(self.head(h), dim=-1) if self.shared_term else None
             return levels, shared
         e = self.head(h)
         masks = self.level_masks(e.detach(), labels, views)
-        shared = F.normalize(e, dim=-1) if self.args.shared_term else None
+        shared = F.normalize(e, dim=-1) if self.shared_term else None
         return F.normalize(e[None] * masks.to(e.dtype), dim=-1), shared
 
 
@@ -347,7 +357,8 @@ def method_loss(outputs, targets, args, info):
 def build_model(args, info):
     if info.multilabel:
         raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
-    return GHMLCModel(args.arch, info, args)
+    return GHMLCModel(args.arch, info, args.mask, args.mask_on, args.gmm_over, args.mask_per, args.gmm_iters,
+                      args.dims_momentum, args.shared_term, args.mask_warmup_steps)
 
 
 def add_method_arguments(p):
@@ -367,6 +378,8 @@ def add_method_arguments(p):
     p.add_argument("--id-column", action="store_true",
                    help="append a per-image id as the finest label column (the reference's DeepFashion layout)")
     p.add_argument("--mask", choices=("gmm", "none"), default="gmm", help="none: the plain HMLC baseline")
+    p.add_argument("--mask-warmup-steps", type=int, default=50,
+                   help="train plain HMCE (all-ones masks) for this many steps before the GMM masks start")
     p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the GMM")
     p.add_argument("--gmm-over", choices=("sample", "dims"), default="sample",
                    help="sample: a GMM over each embedding's own entries, masks per image; dims: one GMM over "
@@ -391,6 +404,8 @@ def check_method_arguments(p, args):
         p.error(f"--base-temperature must be positive, got {args.base_temperature}")
     if args.id_column and args.mask != "none":
         p.error("--id-column is for the plain baseline (--mask none): the masks have no level for the id")
+    if args.mask_warmup_steps < 0:
+        p.error(f"--mask-warmup-steps must not be negative, got {args.mask_warmup_steps}")
     if args.gmm_iters < 1:
         p.error(f"--gmm-iters must be at least 1, got {args.gmm_iters}")
     if not 0.0 <= args.dims_momentum < 1.0:

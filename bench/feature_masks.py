@@ -40,10 +40,11 @@ from supcon import supcon_loss  # noqa: E402
 
 VARIANTS = {
     "HMCE": ("hmlc_gmm", ["--mask", "none"]),
-    "G-HMLC: per-sample GMM on e": ("hmlc_gmm", []),
-    "G-HMLC: per-sample GMM + shared HMCE": ("hmlc_gmm", ["--shared-term"]),
-    "G-HMLC: GMM over dims (label variance)": ("hmlc_gmm", ["--gmm-over", "dims"]),
-    "G-HMLC: per-sample GMM on f(x), shared head": ("hmlc_gmm", ["--mask-on", "encoder"]),
+    "G-HMLC: per-sample GMM on e": ("hmlc_gmm", ["--mask-warmup-steps", "0"]),
+    "G-HMLC: per-sample GMM, 50 all-ones warm-up steps (default)": ("hmlc_gmm", []),
+    "G-HMLC: per-sample GMM + shared HMCE": ("hmlc_gmm", ["--mask-warmup-steps", "0", "--shared-term"]),
+    "G-HMLC: GMM over dims (label variance)": ("hmlc_gmm", ["--mask-warmup-steps", "0", "--gmm-over", "dims"]),
+    "G-HMLC: per-sample GMM on f(x), shared head": ("hmlc_gmm", ["--mask-warmup-steps", "0", "--mask-on", "encoder"]),
     "A-HMLC: gates from f(x) on e": ("hmlc_attention", []),
     "A-HMLC: gates from e": ("hmlc_attention", ["--gate-input", "projection"]),
     "A-HMLC: residual gates e(1+M)": ("hmlc_attention", ["--gate", "residual"]),
@@ -59,16 +60,15 @@ def weighted_jaccard(a, b):
 
 def level_masks(model, h, labels):
     """The masks the model multiplies in, [L, N, D], and the features they multiply."""
-    args = model.args
     if hasattr(model, "attention"):  # A-HMLC
         e = model.head(h)
-        target = h if args.mask_on == "encoder" else e
-        return model.gates(h if args.gate_input == "encoder" else e), target
-    target = h if args.mask_on == "encoder" else model.head(h)
+        target = h if model.mask_on == "encoder" else e
+        return model.gates(h if model.gate_input == "encoder" else e), target
+    target = h if model.mask_on == "encoder" else model.head(h)
     return model.level_masks(target.detach(), labels).expand(-1, len(h), -1), target
 
 
-def diagnose(model, dataset, device, count=512):
+def diagnose(model, dataset, device, temperature, count=512):
     """Mask statistics, cosine similarities and per-level encoder gradients on `count` test images."""
     model.eval()
     info = dataset.info
@@ -80,7 +80,7 @@ def diagnose(model, dataset, device, count=512):
     report = {}
     for level, name in enumerate(info.level_names):
         z = levels[min(level, len(levels) - 1)]  # HMCE: one shared embedding for every level
-        loss = supcon_loss(z.view(2, count, -1).transpose(0, 1), labels=y[:, level], temperature=model.args.temperature)
+        loss = supcon_loss(z.view(2, count, -1).transpose(0, 1), labels=y[:, level], temperature=temperature)
         gradient = torch.autograd.grad(loss, h, retain_graph=True)[0]
         with torch.no_grad():
             similarity = z[:count] @ z[:count].T
@@ -91,7 +91,7 @@ def diagnose(model, dataset, device, count=512):
                       "positive_cosine_mean": positive.mean().item(), "negative_cosine_mean": negative.mean().item(),
                       "negative_cosine_below_zero": (negative < 0).float().mean().item()}
         report[name] = record
-    if getattr(model.args, "mask", "gmm") == "none":
+    if getattr(model, "mask", "gmm") == "none":
         return report
     with torch.no_grad():
         masks, target = level_masks(model, h.detach(), labels)
@@ -146,7 +146,7 @@ def train_one(job):
             levels = linear_eval.evaluate(model.encoder, train_set, test_set, torch_device)["levels"]
             curve.append({"epoch": state["epoch"], **{level: [v["linear_top1"], v["knn_top1"]] for level, v in levels.items()}})
         record["curve"] = curve
-        record["diagnosis"] = diagnose(model, test_set, torch_device)
+        record["diagnosis"] = diagnose(model, test_set, torch_device, args.temperature)
     return record
 
 

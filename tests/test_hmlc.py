@@ -272,7 +272,7 @@ def test_all_ones_masks_and_constant_gates_give_exactly_hmce():
 def test_gmm_over_dims_gives_one_partition_per_batch():
     """--gmm-over dims: one [L, 1, D] partition of the dimensions, shared by every sample; dimensions that
     only the fine labels explain land in the fine mask."""
-    model, _ = masked_model(hmlc_gmm, ["--gmm-over", "dims"])
+    model, _ = masked_model(hmlc_gmm, ["--gmm-over", "dims", "--mask-warmup-steps", "0"])
     model.train()
     generator = torch.Generator().manual_seed(1)
     coarse = torch.arange(64) % 4
@@ -284,6 +284,20 @@ def test_gmm_over_dims_gives_one_partition_per_batch():
     assert masks.shape == (2, 1, 128)
     assert torch.equal(masks.sum(0), torch.ones(1, 128))
     assert masks[0, 0, :64].mean() > 0.9 and masks[1, 0, 64:].mean() > 0.9
+
+
+def test_masks_are_all_ones_for_the_warm_up_steps_then_the_gmm_s():
+    """--mask-warmup-steps N: the first N training forward passes get all-ones masks (plain HMCE), the next
+    the GMM partition; evaluation passes neither count nor use the warm-up."""
+    model, _ = masked_model(hmlc_gmm, ["--mask-warmup-steps", "2"])
+    features = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
+    partition = hmlc_gmm.gmm_masks(features, 2)
+    assert torch.equal(model.level_masks(features, None), partition)  # eval mode: the GMM's, not counted
+    model.train()
+    for _ in range(2):
+        assert torch.equal(model.level_masks(features, None).expand(2, 6, 128), torch.ones(2, 6, 128))
+    assert torch.equal(model.level_masks(features, None), partition)
+    assert model.steps_trained.item() == 3  # a buffer: saved in the checkpoint, restored on --resume
 
 
 @pytest.mark.parametrize("flags, levels_out", [(["--mask-on", "encoder"], 2), (["--shared-term"], 2),
