@@ -330,19 +330,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for key, value in PRESETS[args.dataset].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    for name in ("epochs", "batch_size", "lr", "save_every"):
-        if not getattr(args, name) > 0:  # also refuses NaN
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not min(args.warmup_epochs, args.weight_decay, args.workers, args.eval_every) >= 0:
-        p.error("--warmup-epochs, --weight-decay, --workers and --eval-every must not be negative")
+    # (--batch-size 1: one sample's two views, the positive is the whole denominator and the loss 0)
+    for name, low in (("epochs", 1), ("batch_size", 2), ("lr", 0), ("save_every", 1), ("seed", 0),
+                      ("warmup_epochs", 0), ("weight_decay", 0), ("workers", 0), ("eval_every", 0)):
+        value = getattr(args, name)
+        if not low <= value < (2 ** 32 if name == "seed" else math.inf) or (name == "lr" and value == 0):  # NaN too
+            p.error(f"--{name.replace('_', '-')} must be {'positive' if name == 'lr' else f'at least {low}'}, got {value}")
     if not (0.0 < args.fraction <= 1.0 and 0.0 < args.probe_share < 1.0):
         p.error(f"--fraction must lie in (0, 1] and --probe-share in (0, 1), got {args.fraction}, {args.probe_share}")
     if args.chunks != "auto" and not (args.chunks.isdigit() and int(args.chunks) > 0):
         p.error(f"--chunks must be a positive integer or auto, got {args.chunks!r}")
-    if args.batch_size < 2:  # one sample's two views: the positive is the whole denominator, the loss 0
-        p.error(f"--batch-size must be at least 2, got {args.batch_size}")
-    if args.out == "" or (args.device is not None and data.device_problem(args.device)):
-        p.error("--out must name a folder" if args.out == "" else data.device_problem(args.device))
+    if "" in (args.out, args.resume) or (args.device is not None and data.device_problem(args.device)):
+        p.error("--out and --resume must name a path" if "" in (args.out, args.resume) else data.device_problem(args.device))
     check_method_arguments(p, args)
     return args
 
@@ -367,7 +366,7 @@ def read_checkpoint(path, args):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a truncated or foreign file
         raise SystemExit(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(state, dict) or state.get("method") != METHOD:
+    if not isinstance(state, dict) or state.get("method") != METHOD or not isinstance(state.get("config"), dict):
         raise SystemExit(f"{path} is not a {METHOD} checkpoint")
     for key, value in state["config"].items():
         if key not in RESUMABLE and getattr(args, key, None) != value:
