@@ -1091,7 +1091,8 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
     accepted = list(inspect.signature(LOADERS[name]).parameters)[4:]
     unknown = [key for key in options if key not in accepted]
     if unknown:
-        raise DataError(f"{name} takes no option {unknown[0]} (--{unknown[0].replace('_', '-')}); its options: "
+        flag = {"release": "wos-release"}.get(unknown[0], unknown[0]).replace("_", "-")  # the scripts' flag name
+        raise DataError(f"{name} takes no option {unknown[0]} (--{flag}); its options: "
                         f"{', '.join(accepted) or 'none'}")
     dataset = LOADERS[name](root, split, download, seed, **options)
     if split == "train" and fraction < 1.0:

@@ -150,7 +150,7 @@ CASES = [
          "no checkpoint at {tmp}/no-such-run/checkpoint.pt"),
     # 8. a loader option the dataset does not take
     case("image-size-on-hdigits", "supcon.py", [*HDIGITS, "--image-size", "64"], "hdigits takes no option image_size"),
-    case("wos-release-on-hdigits", "mlcl.py", [*HDIGITS, "--wos-release", "11967"], "hdigits takes no option release"),
+    case("wos-release-on-hdigits", "mlcl.py", [*HDIGITS, "--wos-release", "11967"], "hdigits takes no option release (--wos-release)"),
     # 9. MNIST idx files (hmnist)
     case("mnist-label-count", "supcon.py", [*FAST, "--dataset", "hmnist", "--image-size", "32",
                                             "--data-dir", "{data}/mnist-label-count"],
