@@ -3,8 +3,6 @@
     ds = data.load("hdigits", "./data", "train")        # a torch Dataset of (x, y) with ds.info
     views = data.two_views(x, ds.info, generator)        # [2, B, C, H, W], per-sample random parameters
 
-The catalogue, in the order of the sections below (`load` reaches each loader through LOADERS):
-
     name                loader             levels, coarse -> fine (classes)      source
     hdigits             hdigits_split      category (10) -> class (10 x 10)      scikit-learn's 8x8 digits, composed
     hdigits-multilabel  hdigits_split      digits (10), multi-hot                the same images: which digits appear
@@ -18,24 +16,14 @@ The catalogue, in the order of the sections below (`load` reaches each loader th
     skdocs              skdocs_split       module (~30) -> estimator (~190)      scikit-learn's own docstrings, offline
     skdocs-multilabel   skdocs_split       estimator types (4), multi-hot        the same documents
 
-"By hand": no checksummed source, so the error names the files and layout to put under the data folder;
-skdocs' counts follow the installed scikit-learn.
-
-Labels: hierarchical targets are a LongTensor [L] ordered coarse -> fine with global ids at every level
-(a fine id implies its ancestors); multi-label targets are a multi-hot FloatTensor [K].
-
-Inputs: images are uint8 tensors [N, C, H, W], kept resident (the training loop moves them to the GPU
-once and slices batches there; hmnist is composed lazily, and `to_device` composes it once when it
-fits); point clouds float32 [N, P, 3], unit-sphere normalised; text hashed word ids [N, TEXT_LENGTH]
-(0 = padding), but rcv1 keeps its TF-IDF matrix sparse and densifies batches. `training_views` yields an
-epoch of augmented views, made on the device (`--aug gpu`) or by the reference PIL pipeline in
-DataLoader workers (`--aug torchvision`).
-
-Sections: errors and downloads; dataset containers; one per dataset family, in the catalogue's order;
-the entry point `load` with its stratified splits and subsets; batches and devices; network inputs and
-augmentation.
+"By hand": no checksummed source, so the error names the files and layout to put under the data folder.
+Labels: hierarchical targets are a LongTensor [L], coarse -> fine, with global ids at every level (a fine id
+implies its ancestors); multi-label targets are a multi-hot FloatTensor [K]. Inputs stay resident (the
+training loop moves them to the device once and slices batches there): uint8 images [N, C, H, W], float32
+point clouds [N, P, 3], hashed word ids [N, TEXT_LENGTH]; hmnist is composed lazily, rcv1's TF-IDF kept sparse.
 """
 
+import copy
 import functools
 import gzip
 import hashlib
@@ -55,23 +43,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 
-# --------------------------------------------------------------------------------------------------
-# Errors and downloads
-# --------------------------------------------------------------------------------------------------
-
+# Errors and downloads ------------------------------------------------------------------------------------
 class DataError(ValueError):
-    """A problem with a dataset's files (missing, malformed, not downloadable) that the user can fix, as
-    opposed to a bug of ours; the message names the file and what is wrong, in one line."""
+    """A problem with a dataset's files that the user can fix (not a bug of ours), said in one line."""
 
 
 def load_or_exit(*args, **kwargs):
-    """`load` for the command-line scripts: a DataError ends the run with its one line (exit status 1),
-    since a traceback would only bury it; tracebacks are kept for our bugs."""
+    """`load` for the scripts: a DataError ends the run with its one line (exit status 1), not a traceback."""
     try:
         return load(*args, **kwargs)
     except DataError as error:
@@ -82,8 +63,7 @@ DOWNLOAD_OFF = "downloading is off (--no-download, or data.load's default downlo
 
 
 def download_or_explain(download, what, source, size, target, by_hand):
-    """Call download() after one line saying what is fetched, from where, how big and where to. A failure
-    (no network, a checksum mismatch) becomes one DataError line: what was tried and how to do it by hand."""
+    """download() after a line saying what comes from where; a failure is one DataError line with `by_hand`."""
     print(f"downloading {what} ({size}) from {source} into {target}", file=sys.stderr, flush=True)
     try:
         return download()
@@ -93,9 +73,8 @@ def download_or_explain(download, what, source, size, target, by_hand):
 
 
 def sklearn_fetch(fetch, download, what, source, size, target, by_hand, archives=(), caches=()):
-    """What scikit-learn's fetcher `fetch` returns: from its cache; else from `archives` [(path, sha256)]
-    put there by hand, which scikit-learn (>= 1.6) reads without a download once their checksums match
-    (checked here first); else downloaded by it, if allowed. An unreadable cache in `caches` is named."""
+    """A scikit-learn fetcher's result: from its cache, else from `archives` [(path, sha256)] put there by hand
+    (scikit-learn >= 1.6 reads them without downloading; checked here first), else downloaded if allowed."""
     for path, checksum in archives:
         if os.path.exists(path) and hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() != checksum:
             raise DataError(f"{path} is not the file scikit-learn expects (sha256 differs from {checksum[:16]}..., "
@@ -112,14 +91,11 @@ def sklearn_fetch(fetch, download, what, source, size, target, by_hand, archives
     placed = bool(archives) and all(os.path.exists(path) for path, _ in archives)
     if not download and not placed:
         raise DataError(f"{what} not found in {target} and {DOWNLOAD_OFF}; {by_hand}")
-    return download_or_explain(lambda: fetch(download_if_missing=True), what, "the files put there" if placed else
-                               source, size, target, by_hand)
+    return download_or_explain(lambda: fetch(download_if_missing=True), what,
+                               "the files put there" if placed else source, size, target, by_hand)
 
 
-# --------------------------------------------------------------------------------------------------
-# Dataset containers
-# --------------------------------------------------------------------------------------------------
-
+# Dataset containers --------------------------------------------------------------------------------------
 @dataclass
 class DatasetInfo:
     """What a method script needs to know about a dataset."""
@@ -134,15 +110,14 @@ class DatasetInfo:
     image_size: int = 32
     mean: tuple = (0.5,)
     std: tuple = (0.5,)
-    # "crop": random resized crop + flip + colour (natural images);
-    # "canvas": small shifts and scales only, so the composite's ring digit is never cut away;
-    # "points": the standard point-cloud views, per-axis scaling included; "points-isotropic": without it.
+    # "crop": random resized crop + flip + colour (natural images); "canvas": small shifts and scales only, so
+    # the ring digit is never cut away; "points": point-cloud views with per-axis scaling; "points-isotropic".
     augment: str = "crop"
     extra: dict = field(default_factory=dict)
 
 
 class ResidentDataset(Dataset):
-    """Inputs [N, ...] and targets as tensors, small enough to keep resident (batches are sliced in place)."""
+    """Inputs [N, ...] and targets as tensors, small enough to keep whole on the training device."""
 
     def __init__(self, inputs, targets, info):
         if len(inputs) != len(targets):
@@ -157,35 +132,12 @@ class ResidentDataset(Dataset):
 
     def subset(self, indices):
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return type(self)(self.inputs[indices], self.targets[indices], self.info)
-
-
-class ImageTensorDataset(ResidentDataset):
-    """Images as a uint8 tensor [N, C, H, W] and their targets."""
-
-    @property
-    def images(self):
-        return self.inputs
-
-
-class PointCloudDataset(ResidentDataset):
-    """Point clouds as a float32 tensor [N, P, 3] (unit-sphere normalised) and their targets."""
-
-    @property
-    def points(self):
-        return self.inputs
-
-
-class TextDataset(ResidentDataset):
-    """Documents as hashed word ids, a LongTensor [N, TEXT_LENGTH] (0 = padding), and their targets."""
+        return ResidentDataset(self.inputs[indices], self.targets[indices], self.info)
 
 
 class TfidfDataset(Dataset):
-    """TF-IDF rows kept as a scipy sparse matrix [N, D] (rcv1: 47,236 columns) and their targets.
-
-    Items come back dense (float32). Too large to densify whole, so it is not resident: batches go
-    through a DataLoader, which densifies one batch at a time (`__getitems__`).
-    """
+    """TF-IDF rows as a scipy sparse matrix [N, D] and their targets; too large to densify whole (rcv1: 47,236
+    columns), so batches go through a DataLoader that densifies one batch at a time (`__getitems__`)."""
 
     def __init__(self, matrix, targets, info):
         if matrix.shape[0] != len(targets):
@@ -207,90 +159,59 @@ class TfidfDataset(Dataset):
         return TfidfDataset(self.matrix[indices.numpy()], self.targets[indices], self.info)
 
 
-class IndexedSubset(Dataset):
-    """A subset of a lazily composed dataset that keeps `info` and `targets`."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, torch.as_tensor(indices, dtype=torch.long)
-        self.info, self.targets = dataset.info, dataset.targets[self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        return self.dataset[int(self.indices[index])]
-
-    def subset(self, indices):
-        return IndexedSubset(self.dataset, self.indices[torch.as_tensor(indices, dtype=torch.long)])
-
-
-# --------------------------------------------------------------------------------------------------
-# hdigits and hmnist: a big central digit (the class) and a small one in the ring around it (the category)
-# --------------------------------------------------------------------------------------------------
-
+# hdigits and hmnist: a big central digit (the class), a small one in the ring around it (the category) ----
 DIGIT_NAMES = [str(d) for d in range(10)]
 COMPOSITE_NAMES = [f"{k}/{c}" for k in range(10) for c in range(10)]  # "category/class"
 
 
 def ring_positions(canvas, centre_start, centre_end, patch):
-    """Top-left corners where a patch x patch digit lies inside the canvas and outside the centre box."""
-    corners = []
-    for row in range(canvas - patch + 1):
-        for col in range(canvas - patch + 1):
-            rows_clear = row + patch <= centre_start or row >= centre_end
-            cols_clear = col + patch <= centre_start or col >= centre_end
-            if rows_clear or cols_clear:
-                corners.append((row, col))
-    return corners
+    """Top-left corners [K, 2], row-major, where a patch x patch digit lies in the canvas but not the centre box."""
+    start = torch.arange(canvas - patch + 1)
+    clear = (start + patch <= centre_start) | (start >= centre_end)
+    rows, cols = torch.meshgrid(start, start, indexing="ij")
+    in_ring = clear[:, None] | clear[None, :]
+    return torch.stack([rows[in_ring], cols[in_ring]], dim=1)
 
 
 def compose_digits(central, small, corners):
     """Paste big central digits [N, S, S] and small ring digits [N, p, p] on a canvas at the given corners."""
-    n, canvas_size = len(central), central.shape[-1]
-    patch = small.shape[-1]
-    canvas = central.clone()
-    rows = torch.arange(patch)
-    r = (corners[:, 0, None] + rows)[:, :, None].expand(n, patch, patch)
-    c = (corners[:, 1, None] + rows)[:, None, :].expand(n, patch, patch)
+    n, canvas_size, patch = len(central), central.shape[-1], small.shape[-1]
+    offsets = torch.arange(patch)
+    r = (corners[:, 0, None] + offsets)[:, :, None].expand(n, patch, patch)
+    c = (corners[:, 1, None] + offsets)[:, None, :].expand(n, patch, patch)
     batch = torch.arange(n)[:, None, None].expand(n, patch, patch)
+    canvas = central.clone()
     canvas[batch, r, c] = torch.maximum(canvas[batch, r, c], small)
     return canvas.reshape(n, 1, canvas_size, canvas_size)
 
 
-# hdigits: scikit-learn's bundled 8x8 handwritten digits, composed at load time on a 32x32 canvas.
-
 def hdigits_split(split, size, multilabel):
-    """Compose `size` 32x32 hierarchical digits; train and test draw on disjoint halves of the source digits."""
+    """`size` 32x32 composites of scikit-learn's 8x8 digits; train and test use disjoint source digits."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # [1797, 8, 8] in [0, 1]
     labels = torch.tensor(digits.target, dtype=torch.long)
-    # A fixed split of the source digits (not the run seed), so every method sees the same data.
+    # Fixed seeds (not the run's), so every method sees the same data.
     source_order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     pool = source_order[: len(labels) * 2 // 3] if split == "train" else source_order[len(labels) * 2 // 3 :]
     by_digit = [pool[labels[pool] == d] for d in range(10)]
-
     generator = torch.Generator().manual_seed({"train": 1, "test": 2}[split])
-    fine = torch.arange(size) % 100  # balanced: every (category, class) pair equally often
-    fine = fine[torch.randperm(size, generator=generator)]
+    fine = (torch.arange(size) % 100)[torch.randperm(size, generator=generator)]  # every pair equally often
     category, digit_class = fine // 10, fine % 10
 
     def draw(digit_ids):
         picks = torch.empty(len(digit_ids), dtype=torch.long)
         for d in range(10):
             where = (digit_ids == d).nonzero().flatten()
-            choice = torch.randint(len(by_digit[d]), (len(where),), generator=generator)
-            picks[where] = by_digit[d][choice]
+            picks[where] = by_digit[d][torch.randint(len(by_digit[d]), (len(where),), generator=generator)]
         return images[picks]
 
     central = F.interpolate(draw(digit_class)[:, None], scale_factor=2, mode="bilinear", align_corners=False)
     central = F.pad(central[:, 0], (8, 8, 8, 8))  # the 16x16 digit fills the centre box [8, 24)^2
-    corners = torch.tensor(ring_positions(32, 8, 24, 8))
+    corners = ring_positions(32, 8, 24, 8)
     corners = corners[torch.randint(len(corners), (size,), generator=generator)]
-    canvas = compose_digits(central, draw(category), corners)
-    canvas = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
-
+    canvas = (compose_digits(central, draw(category), corners).clamp(0, 1) * 255).round().to(torch.uint8)
     if multilabel:
         targets = torch.zeros(size, 10)
         targets[torch.arange(size), category] = 1.0
@@ -301,17 +222,15 @@ def hdigits_split(split, size, multilabel):
         info = DatasetInfo("hdigits", "image", ["category", "class"], [10, 100], False,
                            [DIGIT_NAMES, COMPOSITE_NAMES], augment="canvas")
     info.mean, info.std = (0.1,), (0.25,)
-    return ImageTensorDataset(canvas, targets, info)
+    return ResidentDataset(canvas, targets, info)
 
-
-# hmnist: Hierarchical MNIST (Ott et al.), composed on demand from the MNIST idx files.
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def read_idx(path):
-    """Read an IDX file (MNIST's format), plain or gzipped, into a tensor."""
+    """An IDX file (MNIST's format), plain or gzipped, as a tensor."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -348,12 +267,11 @@ def find_mnist_file(root, name, download):
 
 
 class HierarchicalMNIST(Dataset):
-    """Composite MNIST: central digit = class, small ring digit = category; composed on demand.
+    """Hierarchical MNIST (Ott et al.), composed on demand: 60,000 canvases of 192 px would take 2.2 GB.
 
-    The central 28x28 digit is padded to 32 and scaled to the centre box; the ring is a sixth of the
-    canvas wide (32 px at the paper's 192) and holds a second MNIST digit of that size, at a position
-    drawn from (seed, split, index), so item i is the same image every time it is asked for. The test
-    composites come from a fixed seed, not the run's, so a spread over seeds is the models' alone.
+    Item i is source digit `indices[i]` padded to 32 and scaled to the centre box, with a second MNIST digit
+    scaled to the ring's width (a sixth of the canvas) at a position drawn from (seed, split, source), so an
+    item is the same image every time. Test composites use a fixed seed: a spread over seeds is the models'.
     """
 
     def __init__(self, root, split, download=False, image_size=192, seed=0):
@@ -361,60 +279,57 @@ class HierarchicalMNIST(Dataset):
             raise DataError(f"--image-size must be at least 12 for hmnist, got {image_size}")
         image_file, label_file = MNIST_FILES[split]
         image_path, label_path = find_mnist_file(root, image_file, download), find_mnist_file(root, label_file, download)
-        self.digits, self.digit_labels = read_idx(image_path), read_idx(label_path).long()
-        if self.digits.dim() != 3 or self.digit_labels.dim() != 1:
+        self.digits, labels = read_idx(image_path), read_idx(label_path).long()
+        if self.digits.dim() != 3 or labels.dim() != 1:
             raise DataError(f"{image_path} must hold images [N, H, W] and {label_path} labels [N]; they hold "
-                            f"{tuple(self.digits.shape)} and {tuple(self.digit_labels.shape)}")
-        if len(self.digits) != len(self.digit_labels) or len(self.digits) == 0:
-            raise DataError(f"{image_path} holds {len(self.digits)} images but {label_path} {len(self.digit_labels)} labels")
-        if self.digit_labels.max() > 9:
-            raise DataError(f"{label_path}: MNIST labels are digits 0..9, found {int(self.digit_labels.max())}")
+                            f"{tuple(self.digits.shape)} and {tuple(labels.shape)}")
+        if len(self.digits) != len(labels) or len(self.digits) == 0:
+            raise DataError(f"{image_path} holds {len(self.digits)} images but {label_path} {len(labels)} labels")
+        if labels.max() > 9:
+            raise DataError(f"{label_path}: MNIST labels are digits 0..9, found {int(labels.max())}")
         self.image_size, self.ring = image_size, max(1, round(image_size / 6))
-        self.corners = torch.tensor(ring_positions(image_size, self.ring, image_size - self.ring, self.ring))
-        self.seed = seed if split == "train" else 1_000_003
-        rng = torch.Generator().manual_seed(self.seed)
+        self.corners = ring_positions(image_size, self.ring, image_size - self.ring, self.ring)
+        rng = torch.Generator().manual_seed(seed if split == "train" else 1_000_003)
         self.small_index = torch.randint(len(self.digits), (len(self.digits),), generator=rng)
         self.corner_index = torch.randint(len(self.corners), (len(self.digits),), generator=rng)
-        category = self.digit_labels[self.small_index]
-        self.targets = torch.stack([category, 10 * category + self.digit_labels], dim=1)
+        self.indices = torch.arange(len(self.digits))
+        category = labels[self.small_index]
+        self.targets = torch.stack([category, 10 * category + labels], dim=1)
         self.info = DatasetInfo("hmnist", "image", ["category", "class"], [10, 100], False,
                                 [DIGIT_NAMES, COMPOSITE_NAMES],
                                 image_size=image_size, mean=(0.05,), std=(0.2,), augment="canvas")
 
     def __len__(self):
-        return len(self.digits)
-
-    def subset(self, indices):
-        return IndexedSubset(self, indices)
+        return len(self.indices)
 
     def __getitem__(self, index):
-        return self.compose(torch.tensor([index]))[0], self.targets[index]
+        return self.compose(self.indices[index].view(1))[0], self.targets[index]
 
-    def compose(self, indices):
-        """The composites of items `indices` [n] as uint8 images [n, 1, S, S], in one batched pass."""
+    def subset(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        part = copy.copy(self)  # shares the source digits
+        part.indices, part.targets = self.indices[indices], self.targets[indices]
+        return part
+
+    def compose(self, sources):
+        """The composites of source digits `sources` [n] as uint8 images [n, 1, S, S], in one batched pass."""
         centre = self.image_size - 2 * self.ring
-        big = F.pad(self.digits[indices].float()[:, None], (2, 2, 2, 2))
+        big = F.pad(self.digits[sources].float()[:, None], (2, 2, 2, 2))
         big = F.interpolate(big, size=(centre, centre), mode="bilinear", align_corners=False)[:, 0]
-        big = F.pad(big, (self.ring,) * 4)
-        small = self.digits[self.small_index[indices]].float()[:, None]
+        small = self.digits[self.small_index[sources]].float()[:, None]
         small = F.interpolate(small, size=(self.ring, self.ring), mode="bilinear", align_corners=False)[:, 0]
-        canvas = compose_digits(big, small, self.corners[self.corner_index[indices]])
+        canvas = compose_digits(F.pad(big, (self.ring,) * 4), small, self.corners[self.corner_index[sources]])
         return canvas.clamp(0, 255).round().to(torch.uint8)
 
 
-# --------------------------------------------------------------------------------------------------
-# cifar100: the python pickles (torchvision's CIFAR100 drops the coarse labels)
-# --------------------------------------------------------------------------------------------------
-
+# cifar100: the python pickles (torchvision's CIFAR100 drops the coarse labels) ----------------------------
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-# Superclass of each of the 100 classes, in the order of the pickles' fine label ids.
-FINE_TO_COARSE = [
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+FINE_TO_COARSE = [  # the superclass of each class, in the order of the pickles' fine label ids
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1,
+    10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12,
+    12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0,
+    17, 8, 14, 13,
 ]
 
 
@@ -452,14 +367,14 @@ def cifar100_split(root, split, download):
         raise DataError(f"{path}: a CIFAR-100 batch without images")
     if not len(images) == len(fine) == len(coarse):
         raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
-    if len(fine) and not 0 <= fine.min() <= fine.max() < 100:
+    if not 0 <= fine.min() <= fine.max() < 100:
         raise DataError(f"{path}: fine labels outside 0..99")
     if not torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]):
         raise DataError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
     names = [[n.decode() for n in meta[b"coarse_label_names"]], [n.decode() for n in meta[b"fine_label_names"]]]
     info = DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, names, channels=3,
                        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
-    return ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
+    return ResidentDataset(images, torch.stack([coarse, fine], dim=1), info)
 
 
 def read_pickle(path, keys):
@@ -475,31 +390,26 @@ def read_pickle(path, keys):
     return entry
 
 
-# --------------------------------------------------------------------------------------------------
-# modelnet40 and shapes: point clouds sampled from surfaces, unit-sphere normalised
-# --------------------------------------------------------------------------------------------------
-
+# modelnet40 and shapes: point clouds sampled from surfaces, unit-sphere normalised ------------------------
 def unit_sphere(points):
     """Centre each cloud [..., P, 3] at its mean and divide by its largest point norm (max norm 1)."""
     points = points - points.mean(axis=-2, keepdims=True)
-    radius = np.linalg.norm(points, axis=-1).max(axis=-1)[..., None, None]
-    return points / np.maximum(radius, 1e-12)
+    return points / np.maximum(np.linalg.norm(points, axis=-1).max(axis=-1)[..., None, None], 1e-12)
 
 
 def sample_surface(triangles, count, rng):
     """`count` points uniformly distributed on each triangle mesh's surface: [B, F, 3, 3] -> [B, count, 3].
 
-    Faces are chosen with probability proportional to their area (one searchsorted over every mesh's
-    cumulative areas, mesh b shifted to [b, b + 1]), then a uniform point inside the chosen triangle
-    (a, b, c) is (1 - sqrt(r1)) a + sqrt(r1) (1 - r2) b + sqrt(r1) r2 c with r1, r2 ~ U(0, 1).
+    Faces are drawn in proportion to their area (one searchsorted over every mesh's cumulative areas, mesh b
+    shifted to [b, b + 1]), then (1 - sqrt(r1)) a + sqrt(r1) (1 - r2) b + sqrt(r1) r2 c, r1, r2 ~ U(0, 1).
     """
     a, b, c = triangles[:, :, 0], triangles[:, :, 1], triangles[:, :, 2]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=-1).astype(np.float64)  # [B, F]
     if not (area.sum(axis=1) > 0).all():
         raise ValueError("cannot sample the surface of a mesh with zero area")
     meshes, faces = area.shape
-    cdf = np.cumsum(area, axis=1)
     offset = np.arange(meshes)[:, None]
+    cdf = np.cumsum(area, axis=1)
     cdf = cdf / cdf[:, -1:] + offset  # row b ends exactly at b + 1
     face = np.searchsorted(cdf.ravel(), (rng.random((meshes, count)) + offset).ravel(), side="right")
     face = np.minimum(face.reshape(meshes, count) - offset * faces, faces - 1)
@@ -507,43 +417,32 @@ def sample_surface(triangles, count, rng):
     return (1 - s) * a[offset, face] + s * (1 - r2) * b[offset, face] + s * r2 * c[offset, face]
 
 
-# modelnet40: resampled text files (PointNet++) or Princeton's OFF meshes, parsed once and cached.
-
-MODELNET40_CLASSES = [
-    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
-    "cup", "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard", "lamp",
-    "laptop", "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio", "range_hood", "sink",
-    "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase", "wardrobe", "xbox",
-]
-# Our grouping of the 40 classes into 8 coarse groups (ModelNet40 has no hierarchy of its own), by what
-# the object is for; any {class: group} dict covering the 40 classes can replace it (`groups=`).
-MODELNET40_GROUPS = {
-    **dict.fromkeys(["bed", "bench", "chair", "sofa", "stool"], "seating"),
-    **dict.fromkeys(["bookshelf", "desk", "dresser", "night_stand", "table", "tv_stand", "wardrobe"],
-                    "tables_storage"),
-    **dict.fromkeys(["airplane", "car"], "vehicles"),
-    **dict.fromkeys(["bottle", "bowl", "cup", "flower_pot", "glass_box", "vase"], "containers"),
-    **dict.fromkeys(["keyboard", "lamp", "laptop", "monitor", "radio", "xbox"], "electronics"),
-    **dict.fromkeys(["bathtub", "range_hood", "sink", "toilet"], "fixtures"),
-    **dict.fromkeys(["cone", "curtain", "door", "mantel", "stairs", "tent"], "structures"),
-    **dict.fromkeys(["guitar", "person", "piano", "plant"], "people_plants_music"),
-}
+MODELNET40_CLASSES = (
+    "airplane bathtub bed bench bookshelf bottle bowl car chair cone cup curtain desk door dresser flower_pot "
+    "glass_box guitar keyboard lamp laptop mantel monitor night_stand person piano plant radio range_hood sink "
+    "sofa stairs stool table tent toilet tv_stand vase wardrobe xbox").split()
+# Our grouping into 8 coarse groups by what the object is for (ModelNet40 has no hierarchy); `groups=` replaces it.
+MODELNET40_GROUPS = {name: group for group, names in [
+    ("seating", "bed bench chair sofa stool"),
+    ("tables_storage", "bookshelf desk dresser night_stand table tv_stand wardrobe"),
+    ("vehicles", "airplane car"),
+    ("containers", "bottle bowl cup flower_pot glass_box vase"),
+    ("electronics", "keyboard lamp laptop monitor radio xbox"),
+    ("fixtures", "bathtub range_hood sink toilet"),
+    ("structures", "cone curtain door mantel stairs tent"),
+    ("people_plants_music", "guitar person piano plant")] for name in names.split()}
 MODELNET40_SOURCES = ("modelnet40_normal_resampled.zip (the PointNet++ release, once at "
                       "https://shapenet.cs.stanford.edu/media/; copies circulate under that file name) or Princeton's "
                       "ModelNet40.zip (https://modelnet.cs.princeton.edu/)")
 
 
 def modelnet40_split(root, split, groups=None, points=1024):
-    """ModelNet40 point clouds [N, points, 3], unit-sphere normalised, with (group, class) targets.
+    """ModelNet40 point clouds [N, points, 3] with (group, class) targets, class ids in shape-names order.
 
-    Reads ROOT/modelnet40_normal_resampled/ (class folders of "x,y,z,nx,ny,nz" text files; the first
-    `points` points of each file are kept, as PointNet++ does) or else Princeton's OFF meshes under
-    ROOT/ModelNet40/<class>/<split>/*.off (`points` area-weighted surface samples, seeded by the file's
-    position in the split, so the result is the same every time). Either is parsed once and cached
-    beside the data as modelnet40_<split>_<points>_<key>.npy (+ _labels.npy), the key a hash of what
-    defines the split (the list files, or the meshes' names and sizes): a partial unzip followed by the
-    full one parses the full set again instead of reading the partial set's cache.
-    Class ids follow modelnet40_shape_names.txt (the 40 names in alphabetical order).
+    From ROOT/modelnet40_normal_resampled/ (text files of "x,y,z,nx,ny,nz" rows, the first `points` kept, as
+    PointNet++ does) or else ROOT/ModelNet40/<class>/<split>/*.off (`points` surface samples, seeded by the
+    file's position). Parsed once, cached beside the data under a hash of what defines the split (list files,
+    or meshes' names and sizes), so that a full unzip after a partial one is parsed again.
     """
     resampled, meshes = os.path.join(root, "modelnet40_normal_resampled"), os.path.join(root, "ModelNet40")
     if not (os.path.isdir(resampled) or os.path.isdir(meshes)):
@@ -552,21 +451,24 @@ def modelnet40_split(root, split, groups=None, points=1024):
                         f"{meshes}/<class>/<train|test>/*.off; it has no stable checksummed source to download "
                         f"from: get {MODELNET40_SOURCES} and unzip it into {root}")
     folder = resampled if os.path.isdir(resampled) else meshes
-    names = MODELNET40_CLASSES
     if folder == resampled:
         names_file, list_file = (os.path.join(resampled, f"modelnet40_{name}.txt") for name in ("shape_names", split))
         names, samples = read_list(names_file), read_list(list_file)
         listing = names + samples
     else:
-        files = mesh_files(folder, split, names)
+        names = MODELNET40_CLASSES
+        files = [(i, os.path.join(folder, name, split, file)) for i, name in enumerate(names)
+                 if os.path.isdir(os.path.join(folder, name, split))
+                 for file in sorted(os.listdir(os.path.join(folder, name, split))) if file.endswith(".off")]
+        if not files:
+            raise DataError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
         listing = [f"{os.path.relpath(path, folder)} {os.path.getsize(path)}" for _, path in files]
-    key = hashlib.sha1("\n".join(listing).encode()).hexdigest()[:12]
     groups = MODELNET40_GROUPS if groups is None else groups
     missing = [name for name in names if name not in groups]
     if missing:
         raise DataError(f"ModelNet40 classes {missing} (from {folder}) have no coarse group; data.load('modelnet40', ..., groups={{class: group}}) must name one for each")
     group_names = sorted({groups[name] for name in names})
-
+    key = hashlib.sha1("\n".join(listing).encode()).hexdigest()[:12]
     cache = os.path.join(folder, f"modelnet40_{split}_{points}_{key}")
     if os.path.exists(cache + ".npy") and os.path.exists(cache + "_labels.npy"):
         clouds, fine = np.load(cache + ".npy"), np.load(cache + "_labels.npy")
@@ -584,7 +486,7 @@ def modelnet40_split(root, split, groups=None, points=1024):
     coarse = torch.tensor([group_names.index(groups[name]) for name in names])[fine]
     info = DatasetInfo("modelnet40", "points", ["group", "class"], [len(group_names), len(names)], False,
                        [group_names, list(names)], augment="points")
-    return PointCloudDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
+    return ResidentDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
 
 
 def read_list(path):
@@ -614,25 +516,14 @@ def read_resampled(folder, list_file, samples, names, points):
         if len(rows) != points:
             raise DataError(f"{path} has {len(rows)} points, fewer than the {points} asked for")
         try:
-            clouds[i] = np.loadtxt(rows, delimiter=",", usecols=(0, 1, 2), ndmin=2)
+            clouds[i], fine[i] = np.loadtxt(rows, delimiter=",", usecols=(0, 1, 2), ndmin=2), class_id[name]
         except ValueError as error:
             raise DataError(f"{path}: expected comma-separated rows x,y,z,nx,ny,nz ({error})") from error
-        fine[i] = class_id[name]
     return clouds, fine
 
 
-def mesh_files(folder, split, names):
-    """(class id, path) of every OFF mesh of the split, classes in `names` order, files sorted by name."""
-    files = [(i, os.path.join(folder, name, split, file)) for i, name in enumerate(names)
-             if os.path.isdir(os.path.join(folder, name, split))
-             for file in sorted(os.listdir(os.path.join(folder, name, split))) if file.endswith(".off")]
-    if not files:
-        raise DataError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
-    return files
-
-
 def read_meshes(files, split, points):
-    """`points` area-weighted surface samples of every OFF mesh in `files`, and their class ids."""
+    """`points` surface samples of every OFF mesh in `files` [(class id, path)], and the class ids."""
     clouds, fine = np.empty((len(files), points, 3), dtype=np.float32), np.empty(len(files), dtype=np.int64)
     for k, (class_id, path) in enumerate(tqdm(files, desc=f"sampling ModelNet40 {split} meshes (once)", leave=False)):
         vertices, faces = read_off(path)
@@ -645,13 +536,10 @@ def read_meshes(files, split, points):
 
 
 def read_off(path):
-    """(vertices [V, 3], triangles [F, 3]) of an OFF mesh; polygons with more corners become fans.
-
-    Princeton's ModelNet files sometimes glue the counts to the magic word: "OFF490 518 0".
-    """
+    """(vertices [V, 3], triangles [F, 3]) of an OFF mesh, polygons as fans; Princeton's files sometimes glue
+    the counts to the magic word: "OFF490 518 0"."""
     with open(path, errors="replace") as f:  # a binary file is then "not an OFF file", not a UnicodeDecodeError
-        lines = [line.split("#")[0].strip() for line in f]
-    lines = [line for line in lines if line]
+        lines = [line for line in (line.split("#")[0].strip() for line in f) if line]
     if not lines or not lines[0].startswith("OFF"):
         raise DataError(f"{path} is not an OFF file (it starts with {lines[:1]})")
     try:
@@ -663,7 +551,7 @@ def read_off(path):
             raise ValueError(f"the header announces {num_vertices} vertices and {num_faces} faces")
         vertices = np.array([line.split()[:3] for line in vertex_lines], dtype=np.float64).reshape(num_vertices, 3)
         tokens = " ".join(face_lines).split()
-        if len(tokens) == 4 * num_faces and all(count == "3" for count in tokens[0::4]):  # triangles only
+        if len(tokens) == 4 * num_faces and all(count == "3" for count in tokens[0::4]):  # triangles only: fast
             faces = np.array(tokens, dtype=np.int64).reshape(num_faces, 4)[:, 1:]
         else:
             faces = []
@@ -681,18 +569,16 @@ def read_off(path):
     return vertices, faces
 
 
-# shapes: procedural meshes with random proportions, sampled at load time.
-
 SHAPES = ["sphere", "ellipsoid", "torus", "cylinder", "cone", "cube", "box", "pyramid"]  # 5 curved, 3 flat
 
 
 def revolve(profile, segments):
-    """Triangles [B, 2 K segments, 3, 3] of the surfaces swept by profiles [B, K + 1, 2] of (radius, height)
-    turning around the z axis in `segments` steps; the first step is at 45 degrees, so that four steps
-    make an axis-aligned square (a cone with four sides is a square pyramid)."""
+    """Triangles [B, 2 K segments, 3, 3] swept by profiles [B, K + 1, 2] of (radius, height) turning around z in
+    `segments` steps from 45 degrees, so that four steps make an axis-aligned square (a pyramid from a cone)."""
     angle = np.pi / 4 + 2 * np.pi * np.arange(segments + 1) / segments
     radius, height = profile[..., 0, None], profile[..., 1, None]
-    grid = np.stack([radius * np.cos(angle), radius * np.sin(angle), np.broadcast_to(height, radius.shape[:-1] + angle.shape)], axis=-1)
+    grid = np.stack([radius * np.cos(angle), radius * np.sin(angle),
+                     np.broadcast_to(height, radius.shape[:-1] + angle.shape)], axis=-1)
     p00, p01, p10, p11 = grid[:, :-1, :-1], grid[:, :-1, 1:], grid[:, 1:, :-1], grid[:, 1:, 1:]
     quads = np.concatenate([np.stack([p00, p01, p11], axis=-2), np.stack([p00, p11, p10], axis=-2)], axis=1)
     return quads.reshape(len(profile), -1, 3, 3)
@@ -714,8 +600,7 @@ def shape_meshes(shape, n, rng):
         if shape == "ellipsoid":
             axes[:, 1], axes[:, 2] = uniform(0.35, 0.75), uniform(0.35, 0.75)
     elif shape == "torus":
-        tube = uniform(0.2, 0.5)[:, None]
-        loop = np.linspace(0, 2 * np.pi, 25)
+        tube, loop = uniform(0.2, 0.5)[:, None], np.linspace(0, 2 * np.pi, 25)
         triangles = revolve(np.stack([1 + tube * np.cos(loop), tube * np.sin(loop)], -1), 48)
     elif shape in ("cylinder", "cube", "box"):
         half = uniform(0.4, 1.25) if shape == "cylinder" else np.full(n, np.sqrt(0.5))  # cube: side = height
@@ -740,16 +625,9 @@ def random_rotations(n, rng):
 
 
 def shapes_split(split, size, points=256):
-    """Procedural point clouds: `size` samples balanced over SHAPES, curved / polyhedral -> shape.
+    """`size` clouds balanced over SHAPES (curved / polyhedral -> shape), randomly rotated, from fixed seeds.
 
-    256 points per cloud by default (ModelNet40 has 1024): enough for these simple surfaces, and it makes
-    the CPU demo four times faster (PointNet's cost is linear in the points); `points=1024` is one option away.
-
-    Every shape is a triangle mesh (curved ones finely tessellated) with random proportions (ellipsoid
-    and box axes, torus tube, cylinder/cone/pyramid height), `points` area-weighted surface samples,
-    a uniformly random rotation and the unit-sphere normalisation (which removes any overall scale).
-    Train and test are drawn from different fixed seeds, not the run seed, so every run sees the same data.
-    """
+    256 points (ModelNet40 has 1024) suffice for these surfaces and make the CPU demo four times faster."""
     rng = np.random.default_rng({"train": 1, "test": 2}[split])
     fine = rng.permutation(np.arange(size) % len(SHAPES))
     clouds = np.empty((size, points, 3), dtype=np.float32)
@@ -759,21 +637,16 @@ def shapes_split(split, size, points=256):
         clouds[where] = unit_sphere(np.einsum("npj,nij->npi", surface, random_rotations(len(where), rng)))
     fine = torch.from_numpy(fine).long()
     coarse = (fine >= SHAPES.index("cube")).long()
-    # Proportions are what tell a sphere from an ellipsoid and a cube from a box, so the views must
-    # not rescale the axes: with the per-axis scaling of 2/3-3/2, 15 epochs of SupCon learned features
-    # worse than a randomly initialised PointNet's (shape top-1 0.80-0.83 against 0.82-0.83).
+    # Proportions tell a sphere from an ellipsoid and a cube from a box, so the views must not rescale the axes:
+    # with per-axis scaling, SupCon's features fell below an untrained PointNet's.
     info = DatasetInfo("shapes", "points", ["surface", "shape"], [2, len(SHAPES)], False,
                        [["curved", "polyhedral"], list(SHAPES)], augment="points-isotropic")
-    return PointCloudDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
+    return ResidentDataset(torch.from_numpy(clouds), torch.stack([coarse, fine], dim=1), info)
 
 
-# --------------------------------------------------------------------------------------------------
-# Text: wos, 20newsgroups, rcv1 and skdocs; all but rcv1 (TF-IDF) as hashed word ids
-# --------------------------------------------------------------------------------------------------
-
-# A document is a LongTensor [TEXT_LENGTH] of its first TEXT_LENGTH word ids, 0-padded. Words are hashed
-# (`hash_token`), so no vocabulary is built or stored and the ids are the same on every machine. Bigrams
-# are hashed per batch (`ngram_ids`), after the views have dropped and shuffled words.
+# Text: wos, 20newsgroups, rcv1 and skdocs; all but rcv1 (TF-IDF) as hashed word ids ----------------------
+# A document is its first TEXT_LENGTH words, hashed (no vocabulary to build or store, the same ids on every
+# machine) and 0-padded; bigrams are hashed per batch (`ngram_ids`), after the views have moved words.
 TEXT_LENGTH = 256
 TEXT_BUCKETS = 2 ** 18
 MASK = "[MASK]"  # stands for a masked word (skdocs masks the estimator's own name); one token
@@ -796,8 +669,7 @@ def encode_texts(texts, length=TEXT_LENGTH, buckets=TEXT_BUCKETS):
     known = {}
     for row, text in enumerate(texts):
         words = tokenize(text)[:length]
-        ids[row, : len(words)] = [known[w] if w in known else known.setdefault(w, hash_token(w, buckets))
-                                  for w in words]
+        ids[row, : len(words)] = [known[w] if w in known else known.setdefault(w, hash_token(w, buckets)) for w in words]
     return torch.from_numpy(ids)
 
 
@@ -809,26 +681,17 @@ def text_info(name, level_names, label_names, multilabel=False, **extra):
                        label_names, channels=0, image_size=0, mean=(), std=(), augment="text", extra=extra)
 
 
-# wos: Web of Science abstracts (Kowsari et al., HDLTex), fetched by hand.
-
 WOS_URL = ("https://data.mendeley.com/public-files/datasets/9rw3vkcfy4/files/"
            "c9ea673d-5542-44c0-ab7b-f1311f7d61df/file_downloaded")  # WebOfScience.zip, Mendeley Data v6
 WOS_RELEASES = ("46985", "11967", "5736")
 
 
 def wos_split(root, split, release="46985"):
-    """Web of Science (Kowsari et al. 2017, HDLTex; Mendeley Data doi:10.17632/9rw3vkcfy4.6): WOS-46985, or
-    the smaller WOS-11967 and WOS-5736 of the same archive (`release`).
+    """Web of Science (Kowsari et al. 2017, HDLTex): WOS-<release>/{X,YL1,YL2}.txt, a document per line.
 
-    Reads ROOT/WebOfScience/WOS<release>/{X,YL1,YL2}.txt, one document per line: X the abstract, YL1 the
-    domain, YL2 the area's number inside its domain. Levels: domain -> area, an area being a (YL1, YL2)
-    pair, numbered in (YL1, YL2) order, so every area lies in exactly one domain. Y.txt, the archive's flat
-    area id, is not read: in WOS-46985 three of its values (40, 43 and 76) each occur under two domains,
-    and its 134 values do not match the 133 (YL1, YL2) pairs one to one. Classes: 7 domains, 133 areas in
-    WOS-46985 (the paper counts 7 / 35 for WOS-11967 and 3 / 11 for WOS-5736). Train/test: a fixed
-    stratified 80/20 split of the areas. Names are "domain k" / "domain k, area j" (the archive's
-    spreadsheet is not read). Not downloaded: Mendeley Data publishes no checksum for WebOfScience.zip.
-    """
+    An area is a (YL1 domain, YL2) pair, so every area lies in one domain; Y.txt is not read: three of its ids
+    occur under two domains in WOS-46985. A fixed stratified 80/20 split of the areas. Not downloaded: Mendeley
+    Data publishes no checksum."""
     if release not in WOS_RELEASES:
         raise DataError(f"unknown WOS release {release!r}; choose from {', '.join(WOS_RELEASES)}")
     folder = os.path.join(root, "WebOfScience", f"WOS{release}")
@@ -852,7 +715,7 @@ def wos_split(root, split, release="46985"):
     info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in domains.tolist()],
                                                  [f"domain {k}, area {j}" for k, j in pairs.tolist()]])
     targets = torch.stack([domain, area], dim=1)[keep]
-    return TextDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+    return ResidentDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
 
 
 def read_label_file(path, expected, text_path):
@@ -867,23 +730,16 @@ def read_label_file(path, expected, text_path):
 
 
 def read_lines(path):
-    """The lines of a text file split on "\n" only (a trailing "\r" dropped): str.splitlines also splits
-    on "\x85", "\u2028" and others, which can occur inside an abstract and would shift texts against labels."""
+    """The lines of a text file split on "\n" only (a trailing "\r" dropped): str.splitlines also splits on
+    "\x85", "\u2028" and others, which can occur inside an abstract and would shift texts against labels."""
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         lines = f.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+    return [line.removesuffix("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
 
-
-# 20newsgroups: scikit-learn's fetcher.
 
 def newsgroups_split(root, split, download):
-    """20 Newsgroups (bydate split) through sklearn's fetch_20newsgroups, headers, footers and quotes
-    removed. Levels: the group name's top-level prefix ("rec") -> the full group name ("rec.autos")."""
-    from sklearn.datasets import fetch_20newsgroups
-
-    from sklearn.datasets import _twenty_newsgroups
+    """20 Newsgroups (bydate), headers, footers and quotes removed: "rec" -> "rec.autos"."""
+    from sklearn.datasets import _twenty_newsgroups, fetch_20newsgroups
 
     archive, home = _twenty_newsgroups.ARCHIVE, os.path.join(root, "20news_home")
     by_hand = f"put {archive.filename} from {archive.url} into {home} and run again"
@@ -897,24 +753,16 @@ def newsgroups_split(root, split, download):
     fine = torch.as_tensor(np.asarray(bunch.target), dtype=torch.long)
     coarse = torch.tensor([tops.index(group.split(".")[0]) for group in groups], dtype=torch.long)[fine]
     info = text_info("20newsgroups", ["top", "group"], [tops, groups])
-    return TextDataset(encode_texts(bunch.data), torch.stack([coarse, fine], dim=1), info)
+    return ResidentDataset(encode_texts(bunch.data), torch.stack([coarse, fine], dim=1), info)
 
-
-# rcv1: scikit-learn's fetcher, TF-IDF vectors kept sparse.
 
 RCV1_ROOTS = ("CCAT", "ECAT", "GCAT", "MCAT")
 
 
 def rcv1_split(root, split, download, test_size=20_000):
-    """RCV1-v2 (Lewis et al. 2004) through sklearn's fetch_rcv1: the LYRL2004 split (23,149 train
-    documents), their log TF-IDF vectors [N, 47236] kept sparse, and 103 topics as multi-hot targets.
-
-    Label groups (info.extra["label_groups"], for mlcl.py's group heads): a topic belongs to the root
-    topic whose code letter it starts with (C15 -> CCAT, E21 -> ECAT, GDIS -> GCAT, M11 -> MCAT).
-    The official test split has 781,265 documents; the loader keeps a random `test_size` of them
-    (a fixed draw, the same for every run seed; None keeps all), because evaluation densifies the test
-    set for the raw floor (20,000 x 47,236 floats = 3.8 GB).
-    """
+    """RCV1-v2's LYRL2004 split: log TF-IDF vectors [N, 47236] kept sparse, 103 topics multi-hot, grouped by
+    root (the topic's first letter: C15 -> CCAT) for mlcl.py's group heads. A fixed draw of `test_size` of
+    the 781,265 test documents is kept (None: all), since evaluation densifies the test set (3.8 GB at 20,000)."""
     import scipy.sparse
     from sklearn.datasets import _rcv1, fetch_rcv1
 
@@ -939,22 +787,18 @@ def rcv1_split(root, split, download, test_size=20_000):
     return TfidfDataset(inputs, targets, info)
 
 
-# skdocs and skdocs-multilabel: scikit-learn's own estimator docstrings.
-
 ESTIMATOR_TYPES = ("classifier", "regressor", "transformer", "clusterer")
 
 
 def docstring_documents(doc):
-    """A numpydoc docstring -> its documents: the summary (the text before the first section) and one
-    per entry of the Parameters section ("name : type" line and its indented description)."""
+    """A numpydoc docstring's documents: the summary (before the first section) and one per Parameters entry
+    ("name : type" line and its indented description)."""
     lines = inspect.cleandoc(doc or "").splitlines()
-    sections, name = {"summary": []}, "summary"
-    index = 0
+    sections, name, index = {"summary": []}, "summary", 0
     while index < len(lines):
         if index + 1 < len(lines) and lines[index].strip() and re.fullmatch(r"\s*-{3,}\s*", lines[index + 1]):
-            name = lines[index].strip()
+            name, index = lines[index].strip(), index + 2
             sections[name] = []
-            index += 2
             continue
         sections[name].append(lines[index])
         index += 1
@@ -973,8 +817,8 @@ def camel_pieces(word):
 
 
 def mask_name(text, name):
-    """Replace an estimator's name and its CamelCase pieces of two or more letters (any case, also
-    inside other CamelCase words: "LogisticRegression" in LogisticRegressionCV's text) by MASK."""
+    """MASK for an estimator's name and its CamelCase pieces of two or more letters, in any case, also inside
+    other CamelCase words ("LogisticRegression" in LogisticRegressionCV's text)."""
     masked = {name.lower()} | {piece.lower() for piece in camel_pieces(name) if len(piece) > 1}
 
     def replace(match):
@@ -982,22 +826,17 @@ def mask_name(text, name):
         if word.lower() in masked:
             return MASK
         parts = camel_pieces(word)
-        return " ".join(MASK if part.lower() in masked else part for part in parts) \
-            if any(part.lower() in masked for part in parts) else word
+        if any(part.lower() in masked for part in parts):
+            return " ".join(MASK if part.lower() in masked else part for part in parts)
+        return word
 
     return re.sub(r"[A-Za-z0-9]+", replace, text)
 
 
 @functools.lru_cache(maxsize=1)
 def skdocs_corpus(min_documents=4):
-    """(texts, sub-module id, estimator id, estimator-type multi-hot, sub-module names, estimator names)
-    from the docstrings of sklearn.utils.all_estimators(), estimators with < min_documents dropped.
-
-    Estimator types follow scikit-learn's own `all_estimators(type_filter=...)`: subclasses of
-    ClassifierMixin, RegressorMixin, TransformerMixin and ClusterMixin (sklearn.base.is_classifier
-    and friends only accept instances in recent versions). The corpus depends on the installed
-    scikit-learn version.
-    """
+    """(texts, sub-module id, estimator id, type multi-hot, sub-module names, estimator names) of the installed
+    scikit-learn's estimators with >= min_documents documents; types are subclasses of its four mixins."""
     import warnings
 
     from sklearn.base import ClassifierMixin, ClusterMixin, RegressorMixin, TransformerMixin
@@ -1006,30 +845,23 @@ def skdocs_corpus(min_documents=4):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         estimators = all_estimators()
-    mixins = (ClassifierMixin, RegressorMixin, TransformerMixin, ClusterMixin)
-    kept = []
-    for name, cls in estimators:
-        documents = docstring_documents(cls.__doc__)
-        if len(documents) >= min_documents:
-            kept.append((name, cls.__module__.split(".")[1], cls, documents))
+    kept = [(name, cls.__module__.split(".")[1], cls, documents) for name, cls in estimators
+            if len(documents := docstring_documents(cls.__doc__)) >= min_documents]
     modules = sorted({module for _, module, _, _ in kept})
-    names = [name for name, _, _, _ in kept]
     texts, coarse, fine, kinds = [], [], [], []
     for index, (name, module, cls, documents) in enumerate(kept):
-        kind = [float(issubclass(cls, mixin)) for mixin in mixins]
-        for document in documents:
-            texts.append(mask_name(document, name))
-            coarse.append(modules.index(module))
-            fine.append(index)
-            kinds.append(kind)
+        kind = [float(issubclass(cls, mixin)) for mixin in (ClassifierMixin, RegressorMixin, TransformerMixin, ClusterMixin)]
+        texts += [mask_name(document, name) for document in documents]
+        coarse += [modules.index(module)] * len(documents)
+        fine += [index] * len(documents)
+        kinds += [kind] * len(documents)
+    names = [name for name, _, _, _ in kept]
     return texts, torch.tensor(coarse), torch.tensor(fine), torch.tensor(kinds), modules, names
 
 
 def skdocs_split(split, multilabel):
-    """Real text that ships with scikit-learn: estimator docstrings split into documents (summary and
-    one per parameter), the estimator's own name masked. Levels: sub-module ("linear_model") ->
-    estimator class; or (multi-label) the estimator's types, documents without any type dropped.
-    Train/test: a fixed stratified 80/20 split over estimators, the same documents for both variants."""
+    """Estimator docstrings as documents (summary, one per parameter), the estimator's own name masked: module
+    -> estimator, or (multi-label) its types, typeless documents dropped; a fixed stratified 80/20 split."""
     texts, coarse, fine, kinds, modules, names = skdocs_corpus()
     keep = split_indices(fine, split)
     if multilabel:
@@ -1039,14 +871,12 @@ def skdocs_split(split, multilabel):
     else:
         info = text_info("skdocs", ["module", "estimator"], [modules, names])
         targets = torch.stack([coarse, fine], dim=1)[keep]
-    return TextDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+    return ResidentDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
 
 
-# --------------------------------------------------------------------------------------------------
-# The entry point: load, with its class-stratified splits and subsets
-# --------------------------------------------------------------------------------------------------
-
-# Each loader: (root, split, download, seed, **options) -> Dataset with .info and .targets.
+# The entry point: load, with its class-stratified splits and subsets --------------------------------------
+# Each loader: (root, split, download, seed, its options) -> Dataset with .info, .targets and .subset(indices).
+# No **kwargs: `load` reads the options off the signature, so that a mistyped one is an error.
 LOADERS = {
     "hdigits": lambda root, split, download, seed, size=None: hdigits_split(
         split, size or (5000 if split == "train" else 1000), multilabel=False),
@@ -1066,20 +896,31 @@ LOADERS = {
     "skdocs-multilabel": lambda root, split, download, seed: skdocs_split(split, multilabel=True),
 }
 DATASETS = tuple(LOADERS)
+# The method files' defaults per dataset (--arch, --batch-size, --lr, --epochs, --warmup-epochs): the SupCon
+# reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned.
+PRESETS = {
+    "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
+    "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
+    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
+    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
+    "shapes": dict(arch="pointnet", batch_size=64, lr=0.1, epochs=3, warmup_epochs=1),
+    "modelnet40": dict(arch="pointnet", batch_size=256, lr=0.2, epochs=200, warmup_epochs=10),
+    "skdocs": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
+    "skdocs-multilabel": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
+    "20newsgroups": dict(arch="fasttext", batch_size=256, lr=0.1, epochs=30, warmup_epochs=2),
+    "wos": dict(arch="fasttext", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
+    "rcv1": dict(arch="tfidf-linear", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
+}
 
 
 def load(name, root="./data", split="train", download=False, fraction=1.0, seed=0, **options):
-    """Return a Dataset of (x, y) with `.info`.
+    """A Dataset of (x, y) with `.info`; problems with the files raise DataError.
 
-    `download` fetches a missing dataset that has a checksummed source (cifar100, hmnist, 20newsgroups,
-    rcv1) into `root`, off by default here (the scripts turn it on; `--no-download` turns it off).
-    Problems with the files raise DataError. `fraction` keeps round(fraction * N) of the N training
-    samples, class-stratified (`stratified_indices`), drawn from `seed` (the same subset for every
-    method). Options: `size` (hdigits composites; 5000 train / 1000 test by default), `image_size`
-    (hmnist canvas, 192 as in the paper), `size` and `points` (shapes: 2000 train / 800 test clouds of
-    256 points), `points` and `groups` (modelnet40: 1024, MODELNET40_GROUPS), `test_size` (rcv1: 20,000
-    of the 781,265 test documents), `release` (wos: "46985", "11967" or "5736"). An option set to None
-    takes its default; an option the dataset does not take is a DataError.
+    `download` fetches a missing dataset with a checksummed source into `root` (off here; the scripts turn it
+    on). `fraction` keeps round(fraction * N) training samples, class-stratified, drawn from `seed` (the same
+    subset for every method). `options` are the loader's (LOADERS; None takes the default), e.g. `size`
+    (hdigits, shapes), `image_size` (hmnist), `points` and `groups` (modelnet40), `test_size` (rcv1),
+    `release` (wos); one the dataset does not take is a DataError.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -1101,10 +942,10 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
 
 
 def stratified_indices(targets, fraction, seed):
-    """Indices of round(fraction * N) of the N samples (at least one), class-stratified (finest level;
-    multi-hot sets as classes) by largest remainder: a class of n samples keeps floor(fraction * n), and
-    the samples still missing go one each to the classes with the largest remainders (ties drawn from
-    `seed`). Rounding each class on its own would keep far more than asked of data with many small classes."""
+    """Indices of round(fraction * N) of the N samples (at least one), stratified by finest class (multi-hot:
+    by label set) by largest remainder: a class of n keeps floor(fraction * n), and the samples still missing
+    go one each to the classes with the largest remainders (ties drawn from `seed`); rounding each class on
+    its own would keep far more than asked of data with many small classes."""
     if targets.dtype.is_floating_point:  # label sets numbered in the order of sum_k 2^k over their labels
         keys = torch.unique((targets > 0.5).flip(1).long(), dim=0, return_inverse=True)[1]
     else:
@@ -1120,8 +961,7 @@ def stratified_indices(targets, fraction, seed):
 
 
 def split_indices(keys, split, test_fraction=0.2, seed=0):
-    """Indices of a fixed class-stratified train/test split: round(test_fraction * n) of each class's n
-    members go to test. The seed is fixed (not the run's), so every method sees the same split."""
+    """A fixed class-stratified train/test split: round(test_fraction * n) of each class's n go to test."""
     chosen = []
     for members in shuffled_classes(keys, seed):
         cut = round(test_fraction * len(members))
@@ -1131,24 +971,18 @@ def split_indices(keys, split, test_fraction=0.2, seed=0):
 
 def shuffled_classes(keys, seed):
     """Each class's sample indices (classes in sorted order), shuffled by one generator seeded with `seed`."""
-    keys = torch.as_tensor(keys)
-    generator = torch.Generator().manual_seed(seed)
+    keys, generator = torch.as_tensor(keys), torch.Generator().manual_seed(seed)
     for key in keys.unique():
         members = (keys == key).nonzero().flatten()
         yield members[torch.randperm(len(members), generator=generator)]
 
 
-# --------------------------------------------------------------------------------------------------
-# Batches and devices
-# --------------------------------------------------------------------------------------------------
-
+# Batches and devices --------------------------------------------------------------------------------------
 def batches(dataset, batch_size, generator, device, rank=0, world_size=1, workers=0):
-    """One epoch of shuffled training batches (x, y) on `device`; every rank gets an equal shard.
+    """One epoch of shuffled batches (x, y) on `device`, each rank an equal shard of a global `batch_size`.
 
-    `batch_size` is the global batch: each of the `world_size` ranks gets batch_size // world_size.
-    Resident datasets are sliced in place (after `to_device`), lazily composed ones go through a
-    DataLoader. Incomplete batches are dropped so that all ranks take the same number of steps.
-    """
+    Resident data is sliced in place (after `to_device`), lazy data goes through a DataLoader; incomplete
+    batches are dropped so that all ranks take the same number of steps."""
     order = torch.randperm(len(dataset), generator=generator)
     per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
     shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
@@ -1190,30 +1024,23 @@ def device_problem(name):
 
 
 def to_device(dataset, device, max_bytes=8 << 30):
-    """Keep the training data on the training device when it fits, so batches never cross the bus and no
-    DataLoader sits in the hot path. Lazily composed hmnist (or a subset of it) is composed once, in
-    batches, into a resident image tensor; data that does not fit is returned as it is."""
+    """The training data on the training device when it fits, so that no batch crosses the bus and no DataLoader
+    sits in the hot path; lazy hmnist (or a subset) is composed once, in chunks. Else the data as it is."""
     if isinstance(dataset, ResidentDataset) and dataset.inputs.nbytes <= max_bytes:
-        return type(dataset)(dataset.inputs.to(device), dataset.targets.to(device), dataset.info)
-    composer, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, IndexedSubset) else (dataset, None)
-    if isinstance(composer, HierarchicalMNIST):
-        indices = torch.arange(len(composer)) if indices is None else indices
-        if len(indices) * composer.image_size ** 2 <= max_bytes:
-            chunks = tqdm(indices.split(4096), desc=f"composing {len(indices)} {composer.info.name} images", leave=False)
-            images = torch.cat([composer.compose(chunk).to(device) for chunk in chunks])
-            return ImageTensorDataset(images, dataset.targets.to(device), dataset.info)
+        return ResidentDataset(dataset.inputs.to(device), dataset.targets.to(device), dataset.info)
+    if isinstance(dataset, HierarchicalMNIST) and len(dataset) * dataset.image_size ** 2 <= max_bytes:
+        chunks = tqdm(dataset.indices.split(4096), desc=f"composing {len(dataset)} hmnist images", leave=False)
+        images = torch.cat([dataset.compose(chunk).to(device) for chunk in chunks])
+        return ResidentDataset(images, dataset.targets.to(device), dataset.info)
     return dataset
 
 
-# --------------------------------------------------------------------------------------------------
-# Network inputs and batched augmentation with per-sample random parameters
-# --------------------------------------------------------------------------------------------------
-
+# Network inputs and batched augmentation with per-sample random parameters --------------------------------
 def normalize(x, info):
-    """The un-augmented network input of a batch: standardised uint8 images [B, C, H, W], float points [B, P, 3]."""
+    """The un-augmented network input of a batch: standardised images, float points, n-gram ids or TF-IDF."""
     if info.modality == "points":
         return x.float()
-    if info.modality == "text":  # hashed uni- and bigram ids of word ids [B, T], or TF-IDF rows as they are
+    if info.modality == "text":
         return x.float() if info.extra["input"] == "tfidf" else ngram_ids(x, info.extra["buckets"])
     return standardize(x.float() / 255.0, info)
 
@@ -1221,18 +1048,15 @@ def normalize(x, info):
 def standardize(x, info):
     """[0, 1] float images [B, C, H, W] -> standardised with the dataset's channel statistics."""
     mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return (x - mean) / torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
 
 
 def ngram_ids(words, buckets=TEXT_BUCKETS):
-    """Word ids [B, T] -> hashed uni- and bigram ids [B, 2T - 1]: the words, then one id per adjacent
-    pair, ((a * 0x9E3779B1 + b * 0x7FEB352D) mod buckets) + 1, or 0 where either word is padding.
-    Words and bigrams share the buckets, as in fastText."""
+    """Word ids [B, T] -> the words and one hashed id per adjacent pair, [B, 2T - 1]: ((a * 0x9E3779B1 +
+    b * 0x7FEB352D) mod buckets) + 1, or 0 where either word is padding; words and bigrams share the buckets."""
     first, second = words[:, :-1], words[:, 1:]
     bigrams = (first * 0x9E3779B1 + second * 0x7FEB352D) % buckets + 1
-    bigrams = torch.where((first > 0) & (second > 0), bigrams, torch.zeros_like(bigrams))
-    return torch.cat([words, bigrams], dim=1)
+    return torch.cat([words, torch.where((first > 0) & (second > 0), bigrams, torch.zeros_like(bigrams))], dim=1)
 
 
 def uniform(low, high, n, generator, device):
@@ -1242,44 +1066,54 @@ def uniform(low, high, n, generator, device):
 def random_affine(x, scale_x, scale_y, shift_x, shift_y):
     """Resample each image of x with its own axis-aligned affine map (scales and shifts in [-1, 1] units)."""
     theta = torch.zeros(len(x), 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1] = scale_x, scale_y
-    theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale_x, scale_y, shift_x, shift_y
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def crop_and_flip(x, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + horizontal flip with one crop per image (area and log-ratio drawn uniformly)."""
-    n, device = len(x), x.device
-    area = uniform(*scale, n, generator, device)
-    log_ratio = uniform(math.log(ratio[0]), math.log(ratio[1]), n, generator, device)
-    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-    centre_x = (1 - width) * uniform(-1, 1, n, generator, device)
-    centre_y = (1 - height) * uniform(-1, 1, n, generator, device)
-    flip = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    return random_affine(x, width * flip, height, centre_x, centre_y)
+def crop_boxes(n, height, width, generator, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """(top, left, height, width) [n] of crops in pixels, each drawn as torchvision's RandomResizedCrop.get_params
+    draws one: the first of `attempts` (area, log-uniform aspect ratio) draws whose rounded box fits, else the
+    central crop, as wide or as tall as the image allows within `ratio`. All attempts are drawn at once."""
+    area = height * width * uniform(*scale, (attempts, n), generator, device)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), (attempts, n), generator, device))
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (0 < w) & (w <= width) & (0 < h) & (h <= height)
+    first = fits.int().argmax(0, keepdim=True)  # argmax returns the first maximum: the first attempt that fits
+    found = fits.any(0)
+    w = torch.where(found, w.gather(0, first)[0], min(width, round(height * max(ratio))))
+    h = torch.where(found, h.gather(0, first)[0], min(height, round(width / min(ratio))))
+    top = torch.where(found, (torch.rand(n, generator=generator, device=device) * (height - h + 1)).floor(),
+                      (height - h) // 2)
+    left = torch.where(found, (torch.rand(n, generator=generator, device=device) * (width - w + 1)).floor(),
+                       (width - w) // 2)
+    return top, left, h, w
+
+
+def crop_and_flip(x, generator):
+    """RandomResizedCrop(scale=(0.2, 1)) with torchvision's box distribution + horizontal flip, per image."""
+    height, width = x.shape[-2:]
+    top, left, h, w = crop_boxes(len(x), height, width, generator, x.device)
+    flip = torch.where(torch.rand(len(x), generator=generator, device=x.device) < 0.5, -1.0, 1.0)
+    # align_corners=False: [-1, 1] spans the outer pixel edges, so a box maps to its centre and relative size.
+    return random_affine(x, w / width * flip, h / height, (2 * left + w) / width - 1, (2 * top + h) / height - 1)
 
 
 def shift_and_scale(x, generator, max_shift_pixels=2.0, scale=(0.9, 1.1)):
     """Small per-image zoom and translation that keeps the whole composite canvas in view."""
-    n, device = len(x), x.device
+    n, device, shift = len(x), x.device, 2 * max_shift_pixels / x.shape[-1]
     zoom = 1.0 / uniform(*scale, n, generator, device)
-    shift = 2 * max_shift_pixels / x.shape[-1]
     return random_affine(x, zoom, zoom, uniform(-shift, shift, n, generator, device),
                          uniform(-shift, shift, n, generator, device))
 
 
 def grayscale(x):
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def colour_jitter(x, generator, strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2):
-    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, then RandomGrayscale p 0.2, per image, on [0, 1] RGB.
-
-    The hue shift rotates chroma in YIQ space, a close and fully batched stand-in for the HSV shift.
-    """
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, then RandomGrayscale p 0.2, per image, on [0, 1] RGB; the
+    hue shift rotates chroma in YIQ space, a close and fully batched stand-in for the HSV shift."""
     n, device = len(x), x.device
     apply = (torch.rand(n, generator=generator, device=device) < p_jitter).float().view(n, 1, 1, 1)
     brightness, contrast, saturation, hue = strength
@@ -1303,114 +1137,43 @@ def colour_jitter(x, generator, strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_g
 
 
 def augment_points(x, generator, keep=(0.5, 1.0), scale=(2 / 3, 3 / 2), shift=0.2, sigma=0.01, clip=0.02):
-    """One view of point clouds [B, P, 3] with per-cloud random parameters; the shape stays [B, P, 3].
-
-    - random subset: each cloud keeps a random fraction (drawn from `keep`) of its points, in random
-      order, and repeats them cyclically up to P (duplicates change nothing under PointNet's max-pool);
-    - anisotropic scale: every axis of every cloud multiplied by its own factor from `scale`;
-    - shift: every cloud moved by its own offset, each coordinate uniform in [-shift, shift];
-    - jitter: every point moved by Gaussian noise of std `sigma`, clipped to [-clip, clip].
-    """
+    """One view of point clouds [B, P, 3], per cloud: a random `keep` fraction of its points in random order,
+    repeated cyclically up to P (duplicates change nothing under PointNet's max-pool); every axis scaled by its
+    own factor from `scale`; shifted by U[-shift, shift] per coordinate; Gaussian jitter, clipped."""
     n, p, device = x.shape[0], x.shape[1], x.device
     order = torch.rand(n, p, generator=generator, device=device).argsort(dim=1)  # a random permutation per cloud
     kept = (uniform(*keep, n, generator, device) * p).ceil().long().clamp(1, p)
     index = order.gather(1, torch.arange(p, device=device)[None] % kept[:, None])
     x = x.gather(1, index[:, :, None].expand(n, p, 3))
     x = x * uniform(*scale, (n, 1, 3), generator, device) + uniform(-shift, shift, (n, 1, 3), generator, device)
-    noise = torch.randn(x.shape, generator=generator, device=device) * sigma
-    return x + noise.clamp(-clip, clip)
+    return x + (torch.randn(x.shape, generator=generator, device=device) * sigma).clamp(-clip, clip)
 
 
 def text_view(words, generator, drop=0.1, window=3.0):
-    """Token dropout and local shuffle of word ids [B, T], every word of every sample drawn on its own.
-
-    A word is dropped with probability `drop`; a kept word at position t is sorted by t + U[0, window), so
-    it only trades places with words less than `window` positions away. Kept words are packed to the
-    front in that order and the rest is padding (0), so padding stays padding.
-    """
-    length = words.shape[1]
-    jitter = window * torch.rand(words.shape, generator=generator, device=words.device)
-    keep = (words > 0) & (torch.rand(words.shape, generator=generator, device=words.device) >= drop)
-    key = torch.arange(length, device=words.device) + jitter + (~keep) * (2.0 * length + window)
-    order = key.argsort(dim=1)
+    """Token dropout and local shuffle of word ids [B, T], per word: dropped with probability `drop`, else
+    sorted by position + U[0, window) (so it only trades places with near words) and packed to the front."""
+    length, device = words.shape[1], words.device
+    jitter = window * torch.rand(words.shape, generator=generator, device=device)
+    keep = (words > 0) & (torch.rand(words.shape, generator=generator, device=device) >= drop)
+    order = (torch.arange(length, device=device) + jitter + (~keep) * (2.0 * length + window)).argsort(dim=1)
     return torch.where(keep.gather(1, order), words.gather(1, order), torch.zeros_like(words))
 
 
-def tfidf_view(x, generator, drop=0.1):
-    """A view of TF-IDF rows [B, D]: every entry dropped with probability `drop`, rows L2-renormalised."""
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= drop
-    return F.normalize(x.float() * keep, dim=1)
-
-
 def augment(x, info, generator, colour=True):
-    """One augmented, normalised view of a batch (uint8 images [B, C, H, W] or points [B, P, 3]); every
-    sample draws its own parameters. colour=False leaves out the colour jitter and grayscale: the views
-    SupContrast's main_linear.py trains its linear probe on (random crop and flip only)."""
+    """One augmented, normalised view of a batch, every sample with its own parameters. colour=False leaves out
+    colour jitter and grayscale: the views SupContrast's main_linear.py trains its linear probe on."""
     if info.modality == "points":
-        scale = (1.0, 1.0) if info.augment == "points-isotropic" else (2 / 3, 3 / 2)
-        return augment_points(x.float(), generator, scale=scale)
-    if info.modality == "text":  # token dropout + local shuffle, then n-grams (TF-IDF: entry dropout)
-        if info.extra["input"] == "tfidf":
-            return tfidf_view(x, generator)
+        return augment_points(x.float(), generator, scale=(1.0, 1.0) if info.augment == "points-isotropic" else (2 / 3, 3 / 2))
+    if info.modality == "text" and info.extra["input"] == "tfidf":  # entry dropout, rows L2-renormalised
+        return F.normalize(x.float() * (torch.rand(x.shape, generator=generator, device=x.device) >= 0.1), dim=1)
+    if info.modality == "text":
         return ngram_ids(text_view(x, generator), info.extra["buckets"])
-    x = x.float() / 255.0
     if info.augment == "canvas":
-        x = shift_and_scale(x, generator)
-    else:
-        x = crop_and_flip(x, generator)
-        if info.channels == 3 and colour:
-            x = colour_jitter(x, generator)
-    return standardize(x, info)
+        return standardize(shift_and_scale(x.float() / 255.0, generator), info)
+    x = crop_and_flip(x.float() / 255.0, generator)
+    return standardize(colour_jitter(x, generator) if info.channels == 3 and colour else x, info)
 
 
 def two_views(x, info, generator):
     """Two independently augmented views of a batch, stacked view-major: [2, B, C, H, W]."""
     return torch.stack([augment(x, info, generator), augment(x, info, generator)])
-
-
-def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0):
-    """One epoch of (views [2, B, ...], targets) on `device`.
-
-    aug "gpu": batches sliced from the (resident) dataset, both views made on the training device by
-    `two_views` with per-sample parameters drawn from `augment`. aug "torchvision": the reference pipeline,
-    PIL transforms one image at a time in `workers` DataLoader processes (images only; compare speeds).
-    """
-    if aug == "gpu":
-        for x, y in batches(dataset, batch_size, order, device, rank, world_size, workers):
-            yield two_views(x, info, augment), y
-    elif aug == "torchvision":
-        for views, y in batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size, workers):
-            yield views.transpose(0, 1), y
-    else:
-        raise ValueError(f"aug must be 'gpu' or 'torchvision', got {aug!r}")
-
-
-def reference_transform(info, size):
-    """SupCon's torchvision pipeline for one PIL image, the per-image counterpart of `augment`."""
-    if info.augment == "canvas":
-        steps = [transforms.RandomAffine(degrees=0, translate=(2 / size, 2 / size), scale=(0.9, 1.1),
-                                         interpolation=transforms.InterpolationMode.BILINEAR)]
-    else:
-        steps = [transforms.RandomResizedCrop(size, scale=(0.2, 1.0)), transforms.RandomHorizontalFlip()]
-        if info.channels == 3:
-            steps += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                      transforms.RandomGrayscale(p=0.2)]
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-
-
-class ReferenceViews(Dataset):
-    """(two views [2, C, H, W], target) per image of a uint8 image dataset, through `reference_transform`."""
-
-    def __init__(self, dataset, info):
-        if info.modality != "image":
-            raise ValueError(f"the torchvision pipeline is for images; {info.name} holds {info.modality}")
-        self.dataset = dataset
-        self.transform = reference_transform(info, dataset[0][0].shape[-1])
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, target = self.dataset[index]
-        image = to_pil_image(image)
-        return torch.stack([self.transform(image), self.transform(image)]), target

@@ -16,12 +16,8 @@ What this file implements
 - Other readings, each one flag away: `--gate-input projection` (gates computed from e), `--gate
   residual` (e * (1 + M_l): a closed gate keeps the feature), `--mask-on encoder` (gates on f(x), then
   one shared projection head), `--shared-term` (HMCE on the unmasked embedding added).
-- Measured (bench/feature_masks.md; hdigits, 25 epochs, 3 seeds, one H100), category / class linear
-  top-1 on the full training set: HMCE 0.972 / 0.950, this default 0.945 / 0.919, `--gate residual`
-  0.949 / 0.921 (the closest; at f = 0.25 level with HMCE), `--gate-input projection` 0.934 / 0.903,
-  `--shared-term` 0.914 / 0.879, `--mask-on encoder` 0.645 / 0.605. The learned gates barely depend on
-  the image (spread over samples 0.03): they act as a fixed re-weighting of the dimensions. The paper's
-  gain over HMCE is not reproduced here. Reproduce: `python bench/feature_masks.py --jobs 8`.
+- How it compares: under HMCE on hdigits by about 3 points, `--gate residual` the closest reading (the
+  README's results; tables, commands and the diagnosis in bench/feature_masks.md and bench/hmce_baselines.md).
 - The training loop shared with supcon.py.
 
 Run
@@ -385,24 +381,6 @@ def gather_across_ranks(tensor):
     return GatherAcrossRanks.apply(tensor) if distributed else tensor
 
 
-PRESETS = {  # the SupCon reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned
-    "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
-    "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
-    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
-    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
-    "shapes": dict(arch="pointnet", batch_size=64, lr=0.1, epochs=3, warmup_epochs=1),
-    "modelnet40": dict(arch="pointnet", batch_size=256, lr=0.2, epochs=200, warmup_epochs=10),
-    "skdocs": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
-    "skdocs-multilabel": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
-    "20newsgroups": dict(arch="fasttext", batch_size=256, lr=0.1, epochs=30, warmup_epochs=2),
-    "wos": dict(arch="fasttext", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
-    "rcv1": dict(arch="tfidf-linear", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
-}
-# What a resumed run may change: where it runs, reads and writes, not what it computes.
-RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
-             "save_every", "no_eval")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -411,7 +389,7 @@ def parse_args(argv=None):
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="fetch a missing dataset with a checksummed source; --no-download forbids it")
     add("--wos-release", choices=data.WOS_RELEASES, default=None, help="the release --dataset wos reads (46985)")
-    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset (data.PRESETS)")
     add("--epochs", type=int, help="training epochs; default from the preset")
     add("--batch-size", type=int, help="global batch size (samples, two views each); default from the preset")
     add("--lr", type=float, help="peak SGD learning rate; default from the preset")
@@ -420,7 +398,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seeds python, numpy and torch")
     add("--device", default=None, help="cuda if available, else cpu")
     add("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
-    add("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    add("--image-size", type=int, default=None, help="image side of hmnist (its canvas) and of --dataset folder/csv")
     add("--workers", type=int, default=2, help="DataLoader workers for data that is not kept resident")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
@@ -437,7 +415,7 @@ def parse_args(argv=None):
     add("--probe-share", type=float, default=0.1, help="--eval-every: class-stratified share held out for the probe")
     add_method_arguments(p)
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.dataset].items():
+    for key, value in data.PRESETS[args.dataset].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     # (--batch-size 1: one sample's two views, the positive is the whole denominator and the loss 0)
     for name, low in (("epochs", 1), ("batch_size", 2), ("lr", 0), ("save_every", 1), ("seed", 0),
@@ -467,6 +445,11 @@ def learning_rate(step, total_steps, warmup_steps, peak):
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 1e-3 + peak * (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# What a resumed run may change: where it runs, reads and writes, not what it computes.
+RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
+             "save_every", "no_eval")
 
 
 def read_checkpoint(path, args):
@@ -500,26 +483,13 @@ def resolve_precision(precision, device):
     return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def any_rank(flag, world_size, device):
-    """True on every rank when `flag` is true on one (a collective only under torchrun)."""
-    if world_size == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     """Forward, loss and backward of one step (gradients scaled by `scaler`); returns the loss.
 
-    chunks > 1 is gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory
-    Limited Setup", 2021): every chunk of samples is embedded without a graph, the loss and its gradient
-    with respect to the embeddings are taken on the whole batch, then each chunk is embedded again and
-    back-propagated with its part of that gradient, so memory is that of one chunk. BatchNorm normalises
-    each chunk on its own: the gradient is that of `chunks` DDP ranks sharing the batch, which is how the
-    SupCon reference trained (8 GPUs). Every chunk starts from the step's buffers and only chunk 0's
-    BatchNorm statistics are kept, as DDP keeps rank 0's. Chosen over activation checkpointing (full-batch
-    BatchNorm) because that cuts memory by a fixed factor, where chunks cut it as far as a card needs.
+    chunks > 1 is gradient caching (Gao et al., 2021): each chunk of samples is embedded without a graph,
+    the loss and its gradient with respect to the embeddings are taken on the whole batch, then each chunk is
+    embedded again and back-propagated with its part of that gradient: the memory of one chunk, the gradient
+    of `chunks` DDP ranks (each chunk's BatchNorm starts from the step's buffers; chunk 0's statistics stay).
     """
     if chunks == 1:
         with autocast:
@@ -651,9 +621,8 @@ def train(args):
         if agreed[1]:
             raise SystemExit(f"out of memory: not even one sample a step fits on {device}; try a smaller --arch")
         chunks, total = int(agreed[0]), torch.cuda.get_device_properties(device).total_memory
-        if rank == 0:
-            print(f"memory: tried {', '.join(str(1 << k) for k in range(chunks.bit_length()))} chunks of the "
-                  f"{rank_batch} samples a step; chose --chunks {chunks}, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
+        if rank == 0:  # (the fewest chunks of 1, 2, 4, ... whose forward and backward fit)
+            print(f"memory: --chunks {chunks} of {rank_batch} samples a step, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
     if chunks > rank_batch or (chunks > 1 and args.sync_bn):
         raise SystemExit(f"--chunks {chunks} cannot work here: more than the {rank_batch} samples of a step on each rank, "
                          "or with --sync-bn (statistics synced across ranks but not across chunks)")
@@ -718,7 +687,10 @@ def train(args):
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
-                if any_rank(stop, world_size, device):  # every rank stops at the same step
+                stopping = torch.tensor(float(bool(stop)), device=device)
+                if world_size > 1:  # every rank stops at the same step
+                    dist.all_reduce(stopping)
+                if stopping:
                     check_finite(losses, epoch, steps, checkpoint_path)
                     checkpoint(epoch, step + 1)
                     raise SystemExit(f"\n{stop[0] if stop else 'another rank was signalled'}: stopped after step "
@@ -744,9 +716,9 @@ def train(args):
     if rank > 0 or args.no_eval:
         return None
     test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
-    results = linear_eval.evaluate(core.encoder, train_set, test_set, device, classifier=getattr(core, "classifier", None))
-    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
-               "train_samples": len(train_set), **results}
+    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction, "train_samples": len(train_set),
+               **linear_eval.evaluate(core.encoder, train_set, test_set, device,
+                                   classifier=getattr(core, "classifier", None))}
     linear_eval.report(results, args.out)
     return results
 

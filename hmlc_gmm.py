@@ -23,12 +23,8 @@ What this file implements
   explain; one partition per batch, smoothed over batches by --dims-momentum), `--mask-on encoder`
   (masks on f(x), then one shared projection head), `--shared-term` (HMCE on the unmasked embedding
   added to the masked levels' terms).
-- Measured (bench/feature_masks.md; hdigits, 25 epochs, 3 seeds, one H100): no reading reaches HMCE.
-  Full training set, category / class linear top-1: HMCE 0.972 / 0.950, this reading without the
-  warm-up 0.664 / 0.607 (one seed in three collapses; with it, on a CPU over 5 seeds, 0.837 / 0.791), `--shared-term` 0.726 / 0.696, `--gmm-over dims` 0.667 / 0.622,
-  `--mask-on encoder` 0.469 / 0.434. Why: on trained embeddings the largest-mean component holds
-  about 1 of 128 dimensions, so the coarse level sees almost nothing (negative cosines 0.65 there).
-  Reproduce: `python bench/feature_masks.py --jobs 8`.
+- How it compares: no reading reaches HMCE on hdigits (the README's results; the tables, commands and the
+  diagnosis are in bench/feature_masks.md and bench/hmce_baselines.md).
 - The training loop shared with supcon.py.
 
 Run
@@ -62,11 +58,8 @@ does, what we do, and the flag; tests/test_hmlc.py pins each row.
     binds, before or after training (bench/hce_binding.md): the coarse level's mean loss stays above the
     fine level's, so HMCE acts as HMC there; a per-anchor maximum would bind for 15 % of anchors of an
     untrained model and 0.2 % of a trained one.
-    GMM per sample, in practice: on N(0, 1) rows with 3 levels the coarsest mask holds only positive
-    entries, so coarse-level cosines are never negative (with 2 levels, 87 % positive); on trained
-    hdigits embeddings it holds about 1 of 128 dimensions, all of them positive entries, and coarse
-    negatives sit at cosine 0.65 (bench/feature_masks.md): the coarse level sees almost nothing, which is
-    why G-HMLC trails HMCE here.
+    GMM per sample, in practice: on trained hdigits embeddings the coarsest mask holds about 1 of 128
+    dimensions, so the coarse level sees almost nothing (bench/feature_masks.md).
 """
 
 import argparse
@@ -198,7 +191,7 @@ def reference_loop_loss(features, labels, temperature=0.1, loss_type="hmce", lev
 
 
 @torch.no_grad()
-def gmm_masks(embeddings, levels, iters=10):
+def gmm_masks(embeddings, levels, iters=10, min_dims=0):
     """Hard per-level feature masks from a 1-D GMM fitted to each embedding's own entries.
 
     Args:
@@ -207,14 +200,18 @@ def gmm_masks(embeddings, levels, iters=10):
         iters: EM iterations. Two starts run side by side, from the row's quantiles and from points
             evenly spaced between its minimum and maximum (each entry first assigned to the nearest);
             each row keeps the fit with the higher likelihood.
+        min_dims: a floor on a mask's size: a mask with fewer entries also takes the entries most likely
+            (highest posterior) under its component, up to min_dims; masks may then overlap.
     Returns:
         [L, N, D] float masks of 0/1; mask 0 (coarsest level) holds the entries of the component with
-        the largest mean. Each entry is in exactly one mask, except that an empty mask becomes all ones.
+        the largest mean. Each entry is in exactly one mask, except that an empty mask becomes all ones
+        (and the floor above).
     """
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
-    if levels < 1 or iters < 1:
-        raise ValueError(f"levels and iters must be at least 1, got {levels} and {iters}")
+    if levels < 1 or iters < 1 or not 0 <= min_dims <= embeddings.shape[1]:
+        raise ValueError(f"levels and iters must be at least 1 and min_dims in [0, D], got {levels}, {iters} "
+                         f"and {min_dims}")
     x = embeddings.double() if embeddings.dtype == torch.float64 else embeddings.float()
     n, dim = x.shape
     steps = torch.arange(levels, dtype=x.dtype, device=x.device)
@@ -243,6 +240,11 @@ def gmm_masks(embeddings, levels, iters=10):
     rank_of_component = means[better].argsort(dim=1, descending=True).argsort(dim=1)  # 0 = largest mean
     level_of_entry = rank_of_component.gather(1, component)  # [N, D]
     masks = (level_of_entry[None] == steps.long()[:, None, None]).to(embeddings.dtype)
+    if min_dims > 0:
+        component_of_level = means[better].argsort(dim=1, descending=True)  # [N, L]
+        posterior = torch.log_softmax(joint[better], dim=1).gather(1, component_of_level[:, :, None].expand(-1, -1, dim))
+        likeliest = torch.zeros_like(masks).scatter_(2, posterior.topk(min_dims, dim=2).indices.transpose(0, 1), 1.0)
+        masks = torch.where(masks.sum(2, keepdim=True) < min_dims, torch.maximum(masks, likeliest), masks)
     empty = masks.sum(2, keepdim=True) == 0
     return torch.where(empty, torch.ones_like(masks), masks)
 
@@ -280,14 +282,14 @@ class GHMLCModel(nn.Module):
     """
 
     def __init__(self, arch, info, mask="gmm", mask_on="projection", gmm_over="sample", mask_per="view",
-                 gmm_iters=10, dims_momentum=0.9, shared_term=False, mask_warmup_steps=50):
+                 gmm_iters=10, dims_momentum=0.9, shared_term=False, mask_warmup_steps=50, mask_floor=0.0):
         super().__init__()
         self.encoder, feature_dim = build_encoder(arch, info)
         self.head = projection_head(feature_dim)
         self.levels, self.mask, self.mask_on, self.gmm_over, self.mask_per = len(info.level_names), mask, mask_on, gmm_over, mask_per
         self.gmm_iters, self.dims_momentum, self.shared_term = gmm_iters, dims_momentum, shared_term
-        self.mask_warmup_steps = mask_warmup_steps
         masked_dim = feature_dim if mask_on == "encoder" else self.head[-1].out_features
+        self.mask_warmup_steps, self.min_dims = mask_warmup_steps, math.ceil(mask_floor * masked_dim)
         # --gmm-over dims: the running label-variance score of every masked dimension (NaN until the first batch)
         self.register_buffer("dimension_scores", torch.full((masked_dim,), float("nan")))
         self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
@@ -301,14 +303,14 @@ class GHMLCModel(nn.Module):
                 return torch.ones(self.levels, 1, features.shape[-1], dtype=features.dtype, device=features.device)
         if self.gmm_over == "sample" and self.mask_per == "image":
             images = features.view(views, -1, features.shape[-1]).mean(0)
-            return gmm_masks(images, self.levels, self.gmm_iters).repeat(1, views, 1)
+            return gmm_masks(images, self.levels, self.gmm_iters, self.min_dims).repeat(1, views, 1)
         if self.gmm_over == "sample":
-            return gmm_masks(features, self.levels, self.gmm_iters)
+            return gmm_masks(features, self.levels, self.gmm_iters, self.min_dims)
         if self.training:
             scores = label_variance_scores(features, labels)
             previous, momentum = self.dimension_scores, self.dims_momentum
             self.dimension_scores.copy_(torch.where(previous.isnan(), scores, momentum * previous + (1 - momentum) * scores))
-        return gmm_masks(self.dimension_scores[None], self.levels, self.gmm_iters)
+        return gmm_masks(self.dimension_scores[None], self.levels, self.gmm_iters, self.min_dims)
 
     def forward(self, x, labels=None, views=1):
         return self.embed(self.encoder(x), labels, views)
@@ -362,7 +364,7 @@ def build_model(args, info):
     if info.multilabel:
         raise SystemExit(f"{METHOD} needs hierarchical labels; {info.name} is multi-label")
     return GHMLCModel(args.arch, info, args.mask, args.mask_on, args.gmm_over, args.mask_per, args.gmm_iters,
-                      args.dims_momentum, args.shared_term, args.mask_warmup_steps)
+                      args.dims_momentum, args.shared_term, args.mask_warmup_steps, args.mask_floor)
 
 
 def add_method_arguments(p):
@@ -384,6 +386,9 @@ def add_method_arguments(p):
     p.add_argument("--mask", choices=("gmm", "none"), default="gmm", help="none: the plain HMLC baseline")
     p.add_argument("--mask-warmup-steps", type=int, default=50,
                    help="train plain HMCE (all-ones masks) for this many steps before the GMM masks start")
+    p.add_argument("--mask-floor", type=float, default=0.0,
+                   help="a floor on a mask's size, as a share of the D dimensions: a smaller mask also takes the "
+                        "entries likeliest under its component; 0: none")
     p.add_argument("--gmm-iters", type=int, default=10, help="EM iterations of the GMM")
     p.add_argument("--gmm-over", choices=("sample", "dims"), default="sample",
                    help="sample: a GMM over each embedding's own entries, masks per image; dims: one GMM over "
@@ -410,6 +415,8 @@ def check_method_arguments(p, args):
         p.error("--id-column is for the plain baseline (--mask none): the masks have no level for the id")
     if args.mask_warmup_steps < 0:
         p.error(f"--mask-warmup-steps must not be negative, got {args.mask_warmup_steps}")
+    if not 0.0 <= args.mask_floor <= 1.0:
+        p.error(f"--mask-floor must lie in [0, 1], got {args.mask_floor}")
     if args.gmm_iters < 1:
         p.error(f"--gmm-iters must be at least 1, got {args.gmm_iters}")
     if not 0.0 <= args.dims_momentum < 1.0:
@@ -519,24 +526,6 @@ def gather_across_ranks(tensor):
     return GatherAcrossRanks.apply(tensor) if distributed else tensor
 
 
-PRESETS = {  # the SupCon reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned
-    "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
-    "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
-    "hmnist": dict(arch="resnet18", batch_size=256, lr=0.2, epochs=100, warmup_epochs=5),
-    "cifar100": dict(arch="resnet50", batch_size=1024, lr=0.5, epochs=1000, warmup_epochs=10),
-    "shapes": dict(arch="pointnet", batch_size=64, lr=0.1, epochs=3, warmup_epochs=1),
-    "modelnet40": dict(arch="pointnet", batch_size=256, lr=0.2, epochs=200, warmup_epochs=10),
-    "skdocs": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
-    "skdocs-multilabel": dict(arch="fasttext", batch_size=128, lr=0.1, epochs=20, warmup_epochs=1),
-    "20newsgroups": dict(arch="fasttext", batch_size=256, lr=0.1, epochs=30, warmup_epochs=2),
-    "wos": dict(arch="fasttext", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
-    "rcv1": dict(arch="tfidf-linear", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
-}
-# What a resumed run may change: where it runs, reads and writes, not what it computes.
-RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
-             "save_every", "no_eval")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -545,7 +534,7 @@ def parse_args(argv=None):
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="fetch a missing dataset with a checksummed source; --no-download forbids it")
     add("--wos-release", choices=data.WOS_RELEASES, default=None, help="the release --dataset wos reads (46985)")
-    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset")
+    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset (data.PRESETS)")
     add("--epochs", type=int, help="training epochs; default from the preset")
     add("--batch-size", type=int, help="global batch size (samples, two views each); default from the preset")
     add("--lr", type=float, help="peak SGD learning rate; default from the preset")
@@ -554,7 +543,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seeds python, numpy and torch")
     add("--device", default=None, help="cuda if available, else cpu")
     add("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
-    add("--image-size", type=int, default=None, help="canvas size of composite datasets (hmnist)")
+    add("--image-size", type=int, default=None, help="image side of hmnist (its canvas) and of --dataset folder/csv")
     add("--workers", type=int, default=2, help="DataLoader workers for data that is not kept resident")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
@@ -571,7 +560,7 @@ def parse_args(argv=None):
     add("--probe-share", type=float, default=0.1, help="--eval-every: class-stratified share held out for the probe")
     add_method_arguments(p)
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.dataset].items():
+    for key, value in data.PRESETS[args.dataset].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     # (--batch-size 1: one sample's two views, the positive is the whole denominator and the loss 0)
     for name, low in (("epochs", 1), ("batch_size", 2), ("lr", 0), ("save_every", 1), ("seed", 0),
@@ -601,6 +590,11 @@ def learning_rate(step, total_steps, warmup_steps, peak):
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 1e-3 + peak * (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# What a resumed run may change: where it runs, reads and writes, not what it computes.
+RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
+             "save_every", "no_eval")
 
 
 def read_checkpoint(path, args):
@@ -634,26 +628,13 @@ def resolve_precision(precision, device):
     return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def any_rank(flag, world_size, device):
-    """True on every rank when `flag` is true on one (a collective only under torchrun)."""
-    if world_size == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     """Forward, loss and backward of one step (gradients scaled by `scaler`); returns the loss.
 
-    chunks > 1 is gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory
-    Limited Setup", 2021): every chunk of samples is embedded without a graph, the loss and its gradient
-    with respect to the embeddings are taken on the whole batch, then each chunk is embedded again and
-    back-propagated with its part of that gradient, so memory is that of one chunk. BatchNorm normalises
-    each chunk on its own: the gradient is that of `chunks` DDP ranks sharing the batch, which is how the
-    SupCon reference trained (8 GPUs). Every chunk starts from the step's buffers and only chunk 0's
-    BatchNorm statistics are kept, as DDP keeps rank 0's. Chosen over activation checkpointing (full-batch
-    BatchNorm) because that cuts memory by a fixed factor, where chunks cut it as far as a card needs.
+    chunks > 1 is gradient caching (Gao et al., 2021): each chunk of samples is embedded without a graph,
+    the loss and its gradient with respect to the embeddings are taken on the whole batch, then each chunk is
+    embedded again and back-propagated with its part of that gradient: the memory of one chunk, the gradient
+    of `chunks` DDP ranks (each chunk's BatchNorm starts from the step's buffers; chunk 0's statistics stay).
     """
     if chunks == 1:
         with autocast:
@@ -785,9 +766,8 @@ def train(args):
         if agreed[1]:
             raise SystemExit(f"out of memory: not even one sample a step fits on {device}; try a smaller --arch")
         chunks, total = int(agreed[0]), torch.cuda.get_device_properties(device).total_memory
-        if rank == 0:
-            print(f"memory: tried {', '.join(str(1 << k) for k in range(chunks.bit_length()))} chunks of the "
-                  f"{rank_batch} samples a step; chose --chunks {chunks}, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
+        if rank == 0:  # (the fewest chunks of 1, 2, 4, ... whose forward and backward fit)
+            print(f"memory: --chunks {chunks} of {rank_batch} samples a step, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
     if chunks > rank_batch or (chunks > 1 and args.sync_bn):
         raise SystemExit(f"--chunks {chunks} cannot work here: more than the {rank_batch} samples of a step on each rank, "
                          "or with --sync-bn (statistics synced across ranks but not across chunks)")
@@ -852,7 +832,10 @@ def train(args):
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
-                if any_rank(stop, world_size, device):  # every rank stops at the same step
+                stopping = torch.tensor(float(bool(stop)), device=device)
+                if world_size > 1:  # every rank stops at the same step
+                    dist.all_reduce(stopping)
+                if stopping:
                     check_finite(losses, epoch, steps, checkpoint_path)
                     checkpoint(epoch, step + 1)
                     raise SystemExit(f"\n{stop[0] if stop else 'another rank was signalled'}: stopped after step "
@@ -878,9 +861,9 @@ def train(args):
     if rank > 0 or args.no_eval:
         return None
     test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
-    results = linear_eval.evaluate(core.encoder, train_set, test_set, device, classifier=getattr(core, "classifier", None))
-    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction,
-               "train_samples": len(train_set), **results}
+    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction, "train_samples": len(train_set),
+               **linear_eval.evaluate(core.encoder, train_set, test_set, device,
+                                   classifier=getattr(core, "classifier", None))}
     linear_eval.report(results, args.out)
     return results
 

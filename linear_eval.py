@@ -1,60 +1,47 @@
-"""Frozen-encoder evaluation shared by every method file, the numbers behind the papers' figures, and the
-figures themselves.
+"""Frozen-encoder evaluation shared by every method file: the papers' numbers (their t-SNE maps: bench/tsne.py).
 
-For each label level: a linear classifier on the frozen encoder's features (top-1 of the final
-iterate on the test set, never a best-epoch pick), a training-free weighted kNN (cosine, k = 20), and
-the same linear probe on the raw input as the floor a learned representation has to beat. Multi-label
-data gets a one-vs-rest linear layer with micro-F1, macro-F1 and mAP instead.
+For each label level: a linear classifier on the frozen encoder's features (top-1 of the final iterate on the
+test set, never a best-epoch pick), a training-free weighted kNN (cosine, k = 20), and the same linear probe on
+the raw input as the floor a learned representation has to beat. Multi-label data gets a one-vs-rest linear
+layer with micro-F1, macro-F1 and mAP instead.
 
-Structure (results.json "embedding" and "probe_hierarchy", the second block of the printed report), on
-the L2-normalised test features:
-- total variance (sum of the per-dimension variances) and participation ratio (sum lambda)^2 / sum lambda^2
-  of the covariance eigenvalues, an effective number of dimensions: our reading of the "more variance in
-  the embeddings" that Ott et al. report for G-HMLC without defining it;
+Structure (results.json "embedding" and "probe_hierarchy", the second block of the printed report), on the
+L2-normalised test features:
+- total variance (sum of the per-dimension variances) and participation ratio (sum lambda)^2 / sum lambda^2 of
+  the covariance eigenvalues, an effective number of dimensions: our reading of the "more variance in the
+  embeddings" that Ott et al. report for G-HMLC without defining it;
 - per level, the silhouette score (cosine, at most 2000 test samples drawn with a fixed seed);
 - per level below the coarsest, the coarse neighbour share: the share of classes whose nearest other class
   centroid (cosine) has the same parent, beside its chance value (siblings / other classes, averaged);
-- for the linear probe's predictions: consistency per adjacent pair of levels (the finer prediction's
-  parent, from the training targets, is the coarser prediction) and mistake severity (over the wrong
-  finest-level predictions, the levels one climbs until the predicted and true paths agree: 1 = a
-  sibling, L = different at the root).
-Multi-label data gets the variance figures only.
+- for the linear probe's predictions: consistency per adjacent pair of levels (the finer prediction's parent,
+  from the training targets, is the coarser prediction) and mistake severity (over the wrong finest-level
+  predictions, the levels one climbs until the predicted and true paths agree: 1 = a sibling, L = different
+  at the root). Multi-label data gets the variance figures only.
 
 Protocols
-- fast (default): features are extracted once without augmentation; the probe is an L2-regularised
-  softmax regression fitted by full-batch L-BFGS. With --val-fraction > 0 the L2 strength is chosen on a
-  validation split cut from the training set, then refitted on all of it.
-- supcon: the reference's protocol for published numbers: the linear layer is trained for 100 epochs
-  on augmented images (SGD, momentum 0.9, lr x0.2 at epochs 60, 75 and 90), with the views of the
-  reference's main_linear.py: random crop and flip, no colour jitter or grayscale (composite canvases:
-  their small shift and scale).
+- fast (default): features are extracted once without augmentation; the probe is an L2-regularised softmax
+  regression fitted by full-batch L-BFGS. With --val-fraction > 0 the L2 strength is chosen on a validation
+  split cut from the training set, then refitted on all of it.
+- supcon: the reference's protocol for published numbers: 100 epochs of a linear layer on augmented images
+  (SGD, momentum 0.9, lr x0.2 at epochs 60, 75 and 90) with the views of the reference's main_linear.py:
+  random crop and flip, no colour jitter or grayscale (composite canvases: their small shift and scale).
 
-Convergence: `hold_out` cuts a class-stratified part off the training set and `knn_probe` scores it by
-weighted kNN during training (the method files log it to metrics.jsonl; bench/curves.py draws it).
+Convergence: `hold_out` cuts a class-stratified part off the training set and `knn_probe` scores it by weighted
+kNN during training (the method files log it to metrics.jsonl; bench/curves.py draws it).
 
 Run on checkpoints written by the method files (each gets results-<checkpoint>-<protocol>.json beside it):
     python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt [runs/.../checkpoint.pt ...]
-t-SNE maps of their test embeddings instead (no probe): tsne.png holds a row per level and a column per
-checkpoint, tsne-METHOD-LEVEL.png each map on its own; the fine level is coloured in shades of its coarse
-class's hue:
-    python linear_eval.py --checkpoint runs/hdigits-supcon-.../checkpoint.pt runs/hdigits-mlcl-.../checkpoint.pt \\
-        --plot figures/
 """
 
 import argparse
-import colorsys
 import importlib
 import json
 import os
-import re
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import data
@@ -227,32 +214,25 @@ def supcon_protocol(encoder, train_set, test_set, device, epochs=100, lr=0.1, ba
         feature_dim = encoder(data.normalize(train_set[0][0][None].to(device), info)).shape[1]
     heads = torch.nn.ModuleList(torch.nn.Linear(feature_dim, k) for k in info.num_classes).to(device)
     optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [60 * epochs // 100, 75 * epochs // 100,
-                                                                90 * epochs // 100], gamma=0.2)
+    milestones = [percent * epochs // 100 for percent in (60, 75, 90)]  # the reference: 60, 75, 90 of 100 epochs
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     generator = torch.Generator(device).manual_seed(seed)
     for epoch in tqdm(range(epochs), desc="linear (supcon protocol)"):
         order = torch.Generator().manual_seed(seed + epoch)
         for x, y in data.batches(train_set, batch_size, order, device):
             with torch.no_grad():
                 features = encoder(data.augment(x, info, generator, colour=False)).float()
-            loss = sum(level_loss(head(features), y, level, info) for level, head in enumerate(heads))
+            logits = [head(features) for head in heads]  # multi-label data has one head, over all labels
+            loss = F.binary_cross_entropy_with_logits(logits[0], y.float()) if info.multilabel else \
+                sum(F.cross_entropy(level_logits, y[:, level]) for level, level_logits in enumerate(logits))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
-    test_x = extract_features(encoder, test_set, device).to(device)
-    test_y = test_set.targets.to(device)
+    test_x, test_y = extract_features(encoder, test_set, device).to(device), test_set.targets.cpu()
     with torch.no_grad():
-        if info.multilabel:
-            return [probe_scores(heads[0](test_x).cpu(), test_y.cpu(), multilabel=True)]
-        return [probe_scores(head(test_x).cpu(), test_y[:, level].cpu(), multilabel=False)
+        return [probe_scores(head(test_x).cpu(), test_y if info.multilabel else test_y[:, level], info.multilabel)
                 for level, head in enumerate(heads)]
-
-
-def level_loss(logits, y, level, info):
-    if info.multilabel:
-        return F.binary_cross_entropy_with_logits(logits, y.float())
-    return F.cross_entropy(logits, y[:, level])
 
 
 # Structure of the embedding and of the probe's predictions: the numbers behind the papers' pictures.
@@ -273,10 +253,9 @@ def silhouette(features, labels, max_samples=2000, seed=0):
         raise ValueError(f"{len(features)} features but {len(labels)} labels")
     keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_samples]
     features, labels = features[keep], labels[keep]
-    classes = len(labels.unique())
-    if not 2 <= classes < len(labels):
-        raise ValueError(f"a silhouette needs 2 to {len(labels) - 1} classes among {len(labels)} samples, "
-                         f"got {classes}")
+    classes, samples = len(labels.unique()), len(labels)
+    if not 2 <= classes < samples:
+        raise ValueError(f"a silhouette needs 2 to {samples - 1} classes among {samples} samples, got {classes}")
     return float(silhouette_score(features.double().numpy(), labels.numpy(), metric="cosine"))
 
 
@@ -384,12 +363,10 @@ def probe_hierarchy(predictions, train_targets, test_targets, info):
 
 def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction=0.0, seed=0, linear_epochs=100,
              classifier=None):
-    """Evaluate a frozen encoder on every label level; returns the results.json record: `levels` (the
-    probes' scores), `embedding` (embedding_structure) and, for hierarchical data, `probe_hierarchy`.
-
-    `classifier`: a linear layer trained jointly with the encoder (mlcl.py's CE term), or None; its own
-    test figures on the same features go into the record as "classifier".
-    """
+    """Evaluate a frozen encoder on every label level; returns the results.json record: `levels` (the probes'
+    scores), `embedding` (embedding_structure), for hierarchical data `probe_hierarchy`, and given `classifier`
+    (a linear layer trained jointly with the encoder: mlcl.py's CE term) its test figures on the same features
+    as "classifier"."""
     info = train_set.info
     if info.modality == "image":  # as in training, so that a checkpoint re-evaluates to the same numbers
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -402,21 +379,16 @@ def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction
 
     levels, predictions = {}, []
     for level, name in enumerate(info.level_names):
-        if info.multilabel:
-            train_y, test_y = train_targets.float(), test_targets.float()
-        else:
-            train_y, test_y = train_targets[:, level], test_targets[:, level]
+        train_y, test_y = (train_targets.float(), test_targets.float()) if info.multilabel else \
+            (train_targets[:, level], test_targets[:, level])
         num_outputs = info.num_classes[level]
         learned, predicted = supcon_scores[level] if supcon_scores else linear_probe(
             train_features, train_y, test_features, test_y, num_outputs, info.multilabel, val_fraction, seed)
         raw, _ = linear_probe(train_raw, train_y, test_raw, test_y, num_outputs, info.multilabel, val_fraction, seed)
-        if info.multilabel:
-            record = {**learned, **{f"raw_{key}": value for key, value in raw.items()}}
-        else:
-            record = {"linear_top1": learned["top1"],
-                      "knn_top1": knn_top1(train_features, train_y, test_features, test_y, num_outputs),
-                      "raw_linear_top1": raw["top1"]}
-        levels[name] = record
+        levels[name] = {**learned, **{f"raw_{key}": value for key, value in raw.items()}} if info.multilabel else {
+            "linear_top1": learned["top1"],
+            "knn_top1": knn_top1(train_features, train_y, test_features, test_y, num_outputs),
+            "raw_linear_top1": raw["top1"]}
         predictions.append(predicted)
     results = {"protocol": protocol, "levels": levels,
                "embedding": embedding_structure(test_features, test_targets, info)}
@@ -465,11 +437,9 @@ def structure_block(results):
                      f"(chance {embedding['coarse_neighbour_chance'][name]:.4f})")
         lines.append(line)
     if "probe_hierarchy" in results:
-        hierarchy = results["probe_hierarchy"]
-        fine = list(results["levels"])[-1]
-        lines.append("  linear probe: " + "".join(f"consistency {pair} {value:.4f}  "
-                                                 for pair, value in hierarchy["consistency"].items())
-                     + f"mistake severity {hierarchy['mistake_severity']:.3f} "
+        hierarchy, fine = results["probe_hierarchy"], list(results["levels"])[-1]
+        consistency = "".join(f"consistency {pair} {value:.4f}  " for pair, value in hierarchy["consistency"].items())
+        lines.append(f"  linear probe: {consistency}mistake severity {hierarchy['mistake_severity']:.3f} "
                      f"over {hierarchy['mistakes']} wrong {fine} predictions")
     return "\n".join(lines)
 
@@ -483,8 +453,7 @@ def hold_out(train_set, share, seed):
     if not 0.0 < share < 1.0:
         raise ValueError(f"the held-out share must lie in (0, 1), got {share}")
     held_out = data.stratified_indices(train_set.targets.cpu(), share, seed)
-    rest = torch.ones(len(train_set), dtype=torch.bool)
-    rest[held_out] = False
+    rest = torch.ones(len(train_set), dtype=torch.bool).index_fill_(0, held_out, False)
     if not rest.any():
         raise ValueError(f"holding out {share} of {len(train_set)} samples leaves none to train on")
     return train_set.subset(rest.nonzero().flatten()), train_set.subset(held_out)
@@ -502,149 +471,6 @@ def knn_probe(encoder, bank_set, query_set, device):
         return {info.level_names[0]: multilabel_metrics(shares, query_targets)["map"]}
     return {name: knn_top1(bank, bank_targets[:, level], query, query_targets[:, level], info.num_classes[level])
             for level, name in enumerate(info.level_names)}
-
-
-# Pictures: t-SNE maps of the test embeddings, one row per level and one column per checkpoint.
-
-PANEL = 420  # pixels per side of one map
-
-
-def font(size):
-    """Pillow's bundled scalable font at `size` pixels (no font file needed)."""
-    return ImageFont.load_default(size)
-
-
-def class_colours(targets, level, num_classes):
-    """RGB colours [num_classes, 3] for one level's classes: each coarsest class has its own hue, and the
-    classes below it take lighter and darker shades of that hue, so a picture coloured by fine class still
-    shows the coarse groups. Classes absent from `targets` [N, L] are grey."""
-    roots = class_paths(targets, level, num_classes)[:, 0]
-    root_ids = roots[roots >= 0].unique().tolist()
-    colours = torch.full((num_classes, 3), 128, dtype=torch.uint8)
-    for hue_index, root in enumerate(root_ids):
-        members = (roots == root).nonzero().flatten().tolist()
-        for rank, member in enumerate(members):
-            shade = rank / max(1, len(members) - 1)  # 0 .. 1 across the siblings
-            hue = (hue_index + 0.4 * (shade - 0.5)) / len(root_ids)
-            red, green, blue = colorsys.hsv_to_rgb(hue % 1.0, 1.0 - 0.3 * shade, 1.0 - 0.5 * shade)
-            colours[member] = torch.tensor([round(255 * red), round(255 * green), round(255 * blue)])
-    return colours
-
-
-def tsne_map(features, seed=0):
-    """2-D t-SNE coordinates [N, 2] of L2-normalised `features` [N, D] (fixed seed)."""
-    features = F.normalize(features.double(), dim=1).numpy()
-    perplexity = min(30.0, (len(features) - 1) / 3)
-    # torch's OpenMP threads keep spinning beside scikit-learn's own OpenMP pool, which then runs t-SNE
-    # many times slower than on one thread.
-    with threadpool_limits(1, user_api="openmp"):
-        layout = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
-    return torch.from_numpy(layout)
-
-
-def scatter_panel(coordinates, colours, size=PANEL, radius=3):
-    """A white size x size image of the points at `coordinates` [N, 2] (scaled to fit, aspect kept) in
-    `colours` [N, 3], drawn in the given order."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    low, span = coordinates.min(0).values, (coordinates.max(0).values - coordinates.min(0).values).max()
-    pixels = radius + 2 + (coordinates - low) / span.clamp(min=1e-12) * (size - 2 * radius - 4)
-    for (x, y), colour in zip(pixels.tolist(), colours.tolist()):
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(colour))
-    return image
-
-
-def plot_embeddings(embeddings, targets, info, out_dir, max_points=2000, seed=0):
-    """Write t-SNE maps of test embeddings into `out_dir`; returns the paths written.
-
-    `embeddings`: {column title (a method name): test features [N, D]}, all of the same test set with
-    hierarchical `targets` [N, L] and `info`. At most `max_points` samples (drawn with `seed`, the same for
-    every column) are mapped. Writes tsne-TITLE-LEVEL.png per column and level, and tsne.png with one row
-    per level and one column per title (the papers' layout); colours follow class_colours.
-    """
-    if info.multilabel:
-        raise ValueError(f"the maps are coloured by hierarchical labels; {info.name} is multi-label")
-    if not embeddings:
-        raise ValueError("no embeddings to plot")
-    for title, features in embeddings.items():
-        if len(features) != len(targets):
-            raise ValueError(f"{title}: {len(features)} features but {len(targets)} targets")
-    keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:max_points]
-    targets = targets.cpu()  # colours come from all of them, so that a class's shade does not depend on the draw
-    colours = [class_colours(targets, level, k)[targets[keep, level]] for level, k in enumerate(info.num_classes)]
-    os.makedirs(out_dir, exist_ok=True)
-    written, panels = [], {}
-    for title, features in embeddings.items():
-        coordinates = tsne_map(features[keep].cpu(), seed)
-        for level, name in enumerate(info.level_names):
-            panel = scatter_panel(coordinates, colours[level])
-            panels[title, name] = panel
-            single = Image.new("RGB", (PANEL, PANEL + 30), "white")
-            single.paste(panel, (0, 30))
-            caption = f"{title}: {info.name}, coloured by {name}"
-            ImageDraw.Draw(single).text((8, 4), caption, fill="black", font=font(18))
-            written.append(write_png(single, os.path.join(out_dir, f"tsne-{file_part(title)}-{file_part(name)}.png")))
-    figure = figure_grid(panels, list(embeddings), info, targets)
-    written.append(write_png(figure, os.path.join(out_dir, "tsne.png")))
-    return written
-
-
-def figure_grid(panels, titles, info, targets, gap=8, header=36, margin=120):
-    """The side-by-side figure: a column per title, a row per level, names on the top and on the left, and
-    the coarsest level's colours as a legend underneath."""
-    legend = legend_strip(f"{info.level_names[0]}:", class_colours(targets, 0, info.num_classes[0]),
-                          info.label_names[0], targets[:, 0].unique().tolist(), margin + len(titles) * (PANEL + gap))
-    height = header + len(info.level_names) * (PANEL + gap) + legend.height
-    figure = Image.new("RGB", (margin + len(titles) * (PANEL + gap), height), "white")
-    draw = ImageDraw.Draw(figure)
-    for column, title in enumerate(titles):
-        draw.text((margin + column * (PANEL + gap) + PANEL // 2, header // 2), title, fill="black", font=font(22),
-                  anchor="mm")
-    for row, name in enumerate(info.level_names):
-        top = header + row * (PANEL + gap)
-        draw.text((margin - 10, top + PANEL // 2), name, fill="black", font=font(22), anchor="rm")
-        for column, title in enumerate(titles):
-            left = margin + column * (PANEL + gap)
-            figure.paste(panels[title, name], (left, top))
-            draw.rectangle((left, top, left + PANEL - 1, top + PANEL - 1), outline=(200, 200, 200))
-    figure.paste(legend, (0, height - legend.height))
-    return figure
-
-
-def legend_strip(heading, colours, names, present, width, size=16):
-    """`heading`, then swatches and names of the classes in `present`, wrapped into lines of `width` pixels."""
-    entries = [(colours[index], str(names[index])[:20]) for index in present]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    indent = 16 + int(measure.textlength(heading, font=font(size)))
-    lines, line, used = [], [], indent
-    for colour, name in entries:
-        entry_width = size + 6 + int(measure.textlength(name, font=font(size))) + 16
-        if line and used + entry_width > width:
-            lines.append(line)
-            line, used = [], indent
-        line.append((colour, name, used))
-        used += entry_width
-    lines.append(line)
-    strip = Image.new("RGB", (width, 10 + len(lines) * (size + 8)), "white")
-    draw = ImageDraw.Draw(strip)
-    draw.text((8, 4 + size // 2), heading, fill="black", font=font(size), anchor="lm")
-    for row, line in enumerate(lines):
-        top = 4 + row * (size + 8)
-        for colour, name, left in line:
-            draw.rectangle((left, top, left + size, top + size), fill=tuple(colour.tolist()))
-            draw.text((left + size + 6, top + size // 2), name, fill="black", font=font(size), anchor="lm")
-    return strip
-
-
-def file_part(text):
-    """`text` made safe for a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
-
-
-def write_png(image, path):
-    """Write a PIL image as a PNG (with Pillow: torchvision 0.29 deprecates its image encoders); returns the path."""
-    image.save(path, format="PNG")
-    return path
 
 
 # Command line.
@@ -674,8 +500,7 @@ def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_
     """Evaluate one checkpoint's frozen encoder; prints the report and writes results-<checkpoint>-<protocol>.json
     beside it, so that the training run's own results.json stays as the run wrote it."""
     state, config, method = read_checkpoint(path)
-    train_set = load_split(config, data_dir, "train")
-    test_set = load_split(config, data_dir, "test")
+    train_set, test_set = load_split(config, data_dir, "train"), load_split(config, data_dir, "test")
     model = method.build_model(config, train_set.info)
     model.load_state_dict(state["model"])
     results = evaluate(model.encoder.to(device), train_set, test_set, device, protocol, val_fraction,
@@ -687,36 +512,20 @@ def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_
     return results
 
 
-def plot_checkpoints(paths, out_dir, device, data_dir=None, max_points=2000):
-    """plot_embeddings for the test embeddings of checkpoints of one dataset, a column each, titled by the
-    method (and the run folder where two share a method); returns the paths written."""
-    runs = [read_checkpoint(path) for path in paths]
-    datasets = sorted({config.dataset for _, config, _ in runs})
-    if len(datasets) > 1:
-        raise ValueError(f"a figure holds one dataset; the checkpoints hold {', '.join(datasets)}")
-    methods = [state["method"] for state, _, _ in runs]
-    embeddings = {}
-    for path, (state, config, method) in zip(paths, runs):
-        test_set = load_split(config, data_dir, "test")
-        targets, info = test_set.targets.cpu(), test_set.info
-        model = method.build_model(config, info)
-        model.load_state_dict(state["model"])
-        title = state["method"] if methods.count(state["method"]) == 1 else \
-            f"{state['method']} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
-        embeddings[title] = extract_features(model.encoder.to(device), test_set, device)
-    return plot_embeddings(embeddings, targets, info, out_dir, max_points)
+def checked_device(parser, checkpoints, device):
+    """The torch device `device` names (None: cuda if available), once every checkpoint exists; else parser.error."""
+    for path in checkpoints:
+        if not os.path.isfile(path):
+            parser.error(f"no checkpoint at {path}")
+    if device is not None and data.device_problem(device):
+        parser.error(data.device_problem(device))
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def main(argv=None):
-    """Evaluate each checkpoint (results-<checkpoint>-<protocol>.json beside it), or with --plot only draw their
-    t-SNE maps."""
-    p = argparse.ArgumentParser(description="Linear evaluation of checkpoints' frozen encoders, or their t-SNE maps")
+    """Evaluate each checkpoint; results-<checkpoint>-<protocol>.json goes beside it."""
+    p = argparse.ArgumentParser(description="Linear evaluation of checkpoints' frozen encoders")
     p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint.pt files written by the method files")
-    p.add_argument("--plot", metavar="DIR", default=None,
-                   help="only draw t-SNE maps of the checkpoints' test embeddings into DIR (no probe, no "
-                        "results.json): tsne.png has a row per level and a column per checkpoint")
-    p.add_argument("--max-points", type=int, default=2000,
-                   help="at most this many test samples per t-SNE map (--plot; default 2000)")
     p.add_argument("--protocol", choices=("fast", "supcon"), default="fast", help="see the module docstring")
     p.add_argument("--val-fraction", type=float, default=0.0, help="validation split for the L2 strength (0: fixed)")
     p.add_argument("--linear-epochs", type=int, default=100, help="epochs of the supcon protocol's linear training")
@@ -727,18 +536,7 @@ def main(argv=None):
         p.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     if args.linear_epochs < 1:
         p.error(f"--linear-epochs must be positive, got {args.linear_epochs}")
-    if args.max_points < 2:
-        p.error(f"--max-points must be at least 2, got {args.max_points}")
-    for path in args.checkpoint:
-        if not os.path.isfile(path):
-            p.error(f"no checkpoint at {path}")
-    if args.device is not None and data.device_problem(args.device):
-        p.error(data.device_problem(args.device))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.plot:
-        written = plot_checkpoints(args.checkpoint, args.plot, device, args.data_dir, args.max_points)
-        print("wrote " + " ".join(written))
-        return written
+    device = checked_device(p, args.checkpoint, args.device)
     return [evaluate_checkpoint(path, device, args.protocol, args.val_fraction, args.linear_epochs, args.data_dir)
             for path in args.checkpoint]
 
@@ -748,5 +546,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted") from None
-    except (OSError, ValueError) as error:  # a folder that cannot be written, checkpoints of two datasets
+    except (OSError, ValueError) as error:  # results that cannot be written, a test split too small for a silhouette
         raise SystemExit(f"error: {error}") from None

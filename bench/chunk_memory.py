@@ -36,7 +36,7 @@ def resident_gib():
 
 def one_configuration(arch, batch, chunks, steps, device):
     dataset = throughput.synthetic_cifar(batch)
-    views = data.two_views(dataset.images.to(device), dataset.info, torch.Generator(device).manual_seed(0))
+    views = data.two_views(dataset.inputs.to(device), dataset.info, torch.Generator(device).manual_seed(0))
     step = throughput.make_step("supcon", [], argparse.Namespace(arch=arch, batch_size=batch, compile=False),
                                 dataset.info, device, chunks=chunks)
     targets = dataset.targets.to(device)

@@ -216,8 +216,8 @@ def figures(runs, seeds, folder):
         return os.path.join(run_folder(runs, name, "hdigits", 1.0, seeds[0]), "checkpoint.pt")
 
     for tag, names in (("supcon-mlcl", ["SupCon", "MLCL"]), ("hmce-ghmlc-ahmlc", ["HMCE", "G-HMLC", "A-HMLC"])):
-        subprocess.run([sys.executable, "linear_eval.py", "--checkpoint", *map(checkpoint, names), "--device", "cpu",
-                        "--plot", os.path.join(folder, f"tsne-{tag}")], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "bench/tsne.py", *map(checkpoint, names), "--titles", *names, "--device", "cpu",
+                        "--out", os.path.join(folder, f"tsne-{tag}")], cwd=ROOT, check=True)
     curves = [run_folder(runs, name, "hdigits", 1.0, seed) for name in ("SupCon", "MLCL") for seed in seeds]
     subprocess.run([sys.executable, "bench/curves.py", *curves, "--out", os.path.join(folder, "curves-supcon-mlcl.png")],
                    cwd=ROOT, check=True)

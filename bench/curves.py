@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
-import linear_eval  # noqa: E402  (needs ROOT on the path)
+import tsne  # noqa: E402  (bench/tsne.py, beside this file: the figures' font and PNG writer)
 
 METHOD_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
                   (227, 119, 194), (127, 127, 127)]
@@ -115,7 +115,7 @@ def draw_panel(level, runs, colours):
     def at(step, value):
         return LEFT + step / max_step * width, TOP + (1 - (value - low) / (high - low)) * height
 
-    small = linear_eval.font(14)
+    small = tsne.font(14)
     for value in nice_ticks(low, high):
         y = at(0, value)[1]
         draw.line((LEFT, y, LEFT + width, y), fill=(225, 225, 225))
@@ -126,7 +126,7 @@ def draw_panel(level, runs, colours):
         draw.text((x, TOP + height + 6), f"{step:g}", fill="black", font=small, anchor="mt")
     draw.rectangle((LEFT, TOP, LEFT + width, TOP + height), outline="black")
     draw.text((LEFT + width // 2, TOP + height + 24), "step", fill="black", font=small, anchor="mt")
-    draw.text((LEFT + width // 2, TOP // 2), f"{level}: probe kNN top-1", fill="black", font=linear_eval.font(18),
+    draw.text((LEFT + width // 2, TOP // 2), f"{level}: probe kNN top-1", fill="black", font=tsne.font(18),
               anchor="mm")
     for run in runs:
         xy = [at(step, value) for step, value in run["curves"].get(level, [])]
@@ -150,8 +150,8 @@ def draw_curves(runs, out_path):
     for row, run in enumerate(runs):
         y = PANEL_HEIGHT + 8 + 24 * row
         draw.line((LEFT, y + 8, LEFT + 30, y + 8), fill=colours[run["method"]], width=3)
-        draw.text((LEFT + 40, y + 8), run["label"], fill="black", font=linear_eval.font(16), anchor="lm")
-    return linear_eval.write_png(figure, out_path)
+        draw.text((LEFT + 40, y + 8), run["label"], fill="black", font=tsne.font(16), anchor="lm")
+    return tsne.write_png(figure, out_path)
 
 
 def main(argv=None):

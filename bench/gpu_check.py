@@ -356,7 +356,7 @@ def timed_training_steps(name, arch, batch, device, chunks, precision, steps):
     """(seconds per step, peak GiB, the last loss) of real training steps (module.training_step + SGD)."""
     args = argparse.Namespace(arch=arch, batch_size=batch, compile=False)
     dataset = throughput.synthetic_cifar(batch)
-    views = data.two_views(dataset.images.to(device), dataset.info, torch.Generator(device).manual_seed(0))
+    views = data.two_views(dataset.inputs.to(device), dataset.info, torch.Generator(device).manual_seed(0))
     step = throughput.make_step(name, [], args, dataset.info, device, chunks=chunks, precision=precision)
     targets = dataset.targets.to(device)
     step(views, targets)  # warm-up: cuDNN autotuning, allocator
@@ -399,7 +399,7 @@ def memory_section(config):
                 sample = throughput.synthetic_cifar(batch)
                 model = supcon.build_model(supcon.parse_args(["--arch", arch]), sample.info).to(device)
                 model = model.to(memory_format=torch.channels_last)
-                views = data.two_views(sample.images.to(device), sample.info, torch.Generator(device).manual_seed(0))
+                views = data.two_views(sample.inputs.to(device), sample.info, torch.Generator(device).manual_seed(0))
                 precision = supcon.resolve_precision("auto", device)
                 autocast = torch.autocast("cuda", dtype=supcon.DTYPES[precision], enabled=precision != "fp32")
                 chunks, fits, _ = supcon.fewest_chunks(model, views, sample.targets.to(device), autocast, device)

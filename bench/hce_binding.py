@@ -49,8 +49,8 @@ def binding(model, train_set, args, seed):
     order = torch.Generator().manual_seed(seed)
     augment = torch.Generator().manual_seed(seed + 1)
     batches = mean_binds = lift = anchors = anchor_binds = 0
-    for views, labels in data.training_views(train_set, info, "gpu", args.batch_size, order, augment,
-                                             torch.device("cpu")):
+    for x, labels in data.batches(train_set, args.batch_size, order, torch.device("cpu")):
+        views = data.two_views(x, info, augment)
         z = model(views.flatten(0, 1))[0][0].view(2, len(labels), -1).transpose(0, 1)
         per_anchor = anchor_level_losses(z, labels, args.temperature).flip(0)  # fine -> coarse
         level_means = per_anchor.nanmean(1)

@@ -22,7 +22,10 @@ import sys
 import time
 
 import torch
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -39,7 +42,56 @@ def synthetic_cifar(size):
     images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     info = data.DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, [[], []], channels=3,
                             mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
-    return data.ImageTensorDataset(images, torch.stack([coarse, fine], dim=1), info)
+    return data.ResidentDataset(images, torch.stack([coarse, fine], dim=1), info)
+
+
+def reference_transform(info, size):
+    """SupCon's torchvision pipeline for one PIL image, the per-image counterpart of `data.augment`."""
+    if info.augment == "canvas":
+        steps = [transforms.RandomAffine(degrees=0, translate=(2 / size, 2 / size), scale=(0.9, 1.1),
+                                         interpolation=transforms.InterpolationMode.BILINEAR)]
+    else:
+        steps = [transforms.RandomResizedCrop(size, scale=(0.2, 1.0)), transforms.RandomHorizontalFlip()]
+        if info.channels == 3:
+            steps += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                      transforms.RandomGrayscale(p=0.2)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+
+
+class ReferenceViews(Dataset):
+    """(two views [2, C, H, W], target) per image of a uint8 image dataset, through `reference_transform`."""
+
+    def __init__(self, dataset, info):
+        if info.modality != "image":
+            raise ValueError(f"the torchvision pipeline is for images; {info.name} holds {info.modality}")
+        self.dataset = dataset
+        self.transform = reference_transform(info, dataset[0][0].shape[-1])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        image = to_pil_image(image)
+        return torch.stack([self.transform(image), self.transform(image)]), target
+
+
+def training_views(dataset, info, aug, batch_size, order, augment, device, rank=0, world_size=1, workers=0):
+    """One epoch of (views [2, B, ...], targets) on `device`.
+
+    aug "gpu": batches sliced from the (resident) dataset, both views made on the training device by
+    `data.two_views` with per-sample parameters drawn from `augment`. aug "torchvision": the reference pipeline,
+    PIL transforms one image at a time in `workers` DataLoader processes (images only; compare speeds).
+    """
+    if aug == "gpu":
+        for x, y in data.batches(dataset, batch_size, order, device, rank, world_size, workers):
+            yield data.two_views(x, info, augment), y
+    elif aug == "torchvision":
+        for views, y in data.batches(ReferenceViews(dataset, info), batch_size, order, device, rank, world_size,
+                                     workers):
+            yield views.transpose(0, 1), y
+    else:
+        raise ValueError(f"aug must be 'gpu' or 'torchvision', got {aug!r}")
 
 
 def make_step(module_name, extra, args, info, device, reference=False, chunks=1, precision="auto"):
@@ -79,10 +131,10 @@ def timed(step, x, y, steps, device):
 
 
 def pipeline_seconds_per_step(step, dataset, aug, args, device):
-    """Seconds per training step fed by a pipeline (`data.training_views`), data loading included; the
+    """Seconds per training step fed by a pipeline (`training_views`), data loading included; the
     first batch (DataLoader worker start-up) is left out of the clock."""
-    epoch = data.training_views(dataset, dataset.info, aug, args.batch_size, torch.Generator().manual_seed(0),
-                                torch.Generator(device).manual_seed(0), device, workers=args.workers)
+    epoch = training_views(dataset, dataset.info, aug, args.batch_size, torch.Generator().manual_seed(0),
+                           torch.Generator(device).manual_seed(0), device, workers=args.workers)
     step(*next(epoch))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -119,10 +171,10 @@ def measure(args):
     synthetic = False
     try:
         dataset = data.load(args.dataset, args.data_dir, "train")
-    except FileNotFoundError:
+    except data.DataError:  # no (readable) dataset files here: time synthetic ones
         synthetic, dataset = True, synthetic_cifar(args.batch_size * (args.pipeline_steps + 1))
     info = dataset.info
-    x = dataset.images[: args.batch_size].to(device)
+    x = dataset.inputs[: args.batch_size].to(device)
     y = dataset.targets[: args.batch_size].to(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -10,8 +10,8 @@ wrappers run, with sys.argv, the working folder, stdout/stderr and the signal ha
 SystemExit is turned into the exit status and message Python would give, anything else into its
 traceback. A few cases also run as real `python <script>.py ...` processes, to show that the driver's
 verdict is the command line's. Driver "a" first makes the good runs (1 epoch, --no-eval) whose checkpoints
-the --resume and linear_eval.py cases use; driver "b" writes the data files, in their real formats, with
-the fixture writers of test_data.py, test_points.py and test_text.py.
+the --resume, linear_eval.py and bench/tsne.py cases use; driver "b" writes the data files, in their real
+formats, with the fixture writers of test_data.py, test_points.py and test_text.py.
 """
 
 import hashlib
@@ -84,16 +84,16 @@ CASES = [
     case("eval-device-cuda", "linear_eval.py", ["--checkpoint", "{A}/checkpoint.pt", "--device", "cuda"],
          "--device cuda: this machine has no cuda device", group="a", copies={"A": "supcon"}, guard=["{A}"],
          absent="cuda"),
-    # 2. --out, --plot
+    # 2. --out (bench/tsne.py's too)
     case("out-read-only", "supcon.py", [*HDIGITS, "--out", "{tmp}/read-only/run"], "permission denied"),
     case("out-is-a-file", "hmlc_attention.py", [*HDIGITS, "--out", "{tmp}/a-file"], "file exists: '{tmp}/a-file'",
          guard=["{tmp}/a-file"]),
     case("out-under-a-file", "supcon.py", [*HDIGITS, "--out", "{tmp}/a-file/sub"],
          "not a directory: '{tmp}/a-file/sub'", guard=["{tmp}/a-file"]),
     case("out-empty", "mlcl.py", [*HDIGITS, "--out", ""], "--out and --resume must name a path"),
-    case("eval-plot-under-a-file", "linear_eval.py",
-         ["--checkpoint", "{A}/checkpoint.pt", "--plot", "{tmp}/a-file/plots", "--device", "cpu"],
-         "not a directory: '{tmp}/a-file/plots'", group="a", copies={"A": "supcon"}, guard=["{A}", "{tmp}/a-file"]),
+    case("tsne-under-a-file", "bench/tsne.py", ["{A}/checkpoint.pt", "--out", "{tmp}/a-file/plots", "--device", "cpu"],
+         "not a directory: '{tmp}/a-file/plots'", group="a", copies={"A": "supcon"}, guard=["{A}", "{tmp}/a-file"],
+         out=False),
     # 3. --arch that does not read the data
     case("arch-resnet18-skdocs", "supcon.py", [*SKDOCS, "--arch", "resnet18"],
          "--arch resnet18 reads image input; skdocs has words input"),
@@ -138,11 +138,11 @@ CASES = [
          out=False),
     case("fresh-run-into-a-run", "supcon.py", [*HDIGITS, "--out", "{A}"],
          "{A} holds another run; pass --resume {A}/checkpoint.pt", group="a", copies={"A": "supcon"}, guard=["{A}"]),
-    # 7. linear_eval.py --checkpoint
-    case("eval-plot-two-datasets", "linear_eval.py",
-         ["--checkpoint", "{A}/checkpoint.pt", "{B}/checkpoint.pt", "--plot", "{tmp}/plots", "--device", "cpu"],
+    # 7. linear_eval.py --checkpoint, bench/tsne.py
+    case("tsne-two-datasets", "bench/tsne.py",
+         ["{A}/checkpoint.pt", "{B}/checkpoint.pt", "--out", "{tmp}/plots", "--device", "cpu"],
          "a figure holds one dataset; the checkpoints hold hdigits, shapes", group="a",
-         copies={"A": "supcon", "B": "shapes"}, guard=["{A}", "{B}"]),
+         copies={"A": "supcon", "B": "shapes"}, guard=["{A}", "{B}"], out=False),
     case("eval-method-file-unknown", "linear_eval.py", ["--checkpoint", "{A}/checkpoint.pt", "--device", "cpu"],
          "names the method file 'no_such_method.py', which is not a script here", group="a",
          copies={"A": "supcon"}, edit={"method_file": "no_such_method.py"}, guard=["{A}"]),
@@ -229,13 +229,11 @@ CASES = [
          "unpack cifar-100-python.tar.gz into {data}/cifar-tarball", guard=["{data}/cifar-tarball"]),
     case("eval-garbage-checkpoint", "linear_eval.py", ["--checkpoint", "{tmp}/garbage.pt", "--device", "cpu"],
          "cannot read checkpoint {tmp}/garbage.pt", guard=["{tmp}/garbage.pt"]),
-    case("eval-plot-multilabel", "linear_eval.py",
-         ["--checkpoint", "{A}/checkpoint.pt", "--plot", "{tmp}/plots-multilabel", "--device", "cpu"],
+    case("tsne-multilabel", "bench/tsne.py", ["{A}/checkpoint.pt", "--out", "{tmp}/plots-multilabel", "--device", "cpu"],
          "the maps are coloured by hierarchical labels; hdigits-multilabel is multi-label", group="a",
-         copies={"A": "supcon"}, edit={"config": {"dataset": "hdigits-multilabel"}}, guard=["{A}"]),
-    case("eval-plot-onto-a-file", "linear_eval.py",
-         ["--checkpoint", "{A}/checkpoint.pt", "--plot", "{tmp}/a-file", "--device", "cpu"],
-         "file exists: '{tmp}/a-file'", group="a", copies={"A": "supcon"}, guard=["{A}", "{tmp}/a-file"]),
+         copies={"A": "supcon"}, edit={"config": {"dataset": "hdigits-multilabel"}}, guard=["{A}"], out=False),
+    case("tsne-onto-a-file", "bench/tsne.py", ["{A}/checkpoint.pt", "--out", "{tmp}/a-file", "--device", "cpu"],
+         "file exists: '{tmp}/a-file'", group="a", copies={"A": "supcon"}, guard=["{A}", "{tmp}/a-file"], out=False),
     case("lr-inf", "supcon.py", [*HDIGITS, "--fraction", "0.2", "--lr", "inf"], "--lr must be positive, got inf"),
     case("resume-a-state-dict", "supcon.py", [*HDIGITS, "--resume", "{tmp}/state-dict.pt"],
          "{tmp}/state-dict.pt is not a supcon checkpoint", guard=["{tmp}/state-dict.pt"], out=False),
@@ -249,9 +247,8 @@ CASES = [
     case("mlcl-temperatures-nan", "mlcl.py", [*HDIGITS, "--temperatures", "0.1", "nan"], "--temperatures"),
     case("mlcl-weights-nan", "mlcl.py", [*HDIGITS, "--weights", "1", "nan"], "--weights"),
     case("resume-empty", "hmlc_gmm.py", [*HDIGITS, "--resume", ""], "--resume"),
-    case("eval-max-points-1", "linear_eval.py", ["--checkpoint", "{A}/checkpoint.pt", "--plot", "{tmp}/plots-1",
-                                                 "--max-points", "1"],
-         "--max-points must be at least 2", group="a", copies={"A": "supcon"}, guard=["{A}"]),
+    case("tsne-max-points-1", "bench/tsne.py", ["{A}/checkpoint.pt", "--out", "{tmp}/plots-1", "--max-points", "1"],
+         "--max-points must be at least 2", group="a", copies={"A": "supcon"}, guard=["{A}"], out=False),
 ]
 IDS = [c["id"] for c in CASES]
 assert len(set(IDS)) == len(IDS)

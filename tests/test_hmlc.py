@@ -188,6 +188,22 @@ def test_gmm_masks_partition_and_fallback():
     assert (masks.sum(2) == 20).any(0).all()
 
 
+def test_gmm_mask_floor_tops_up_small_masks_with_their_likeliest_entries():
+    """A mask under min_dims entries also takes the entries likeliest under its component: for the coarsest
+    level (largest mean) the largest values; masks already big enough, and min_dims=0, are unchanged."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(8, 64, generator=generator)
+    rows[:, :2] = 10.0  # two outliers: the largest-mean component holds only them
+    plain, floored = hmlc_gmm.gmm_masks(rows, 2), hmlc_gmm.gmm_masks(rows, 2, min_dims=12)
+    assert torch.equal(hmlc_gmm.gmm_masks(rows, 2, min_dims=0), plain)
+    assert (plain[0].sum(1) < 12).all() and (plain[1].sum(1) > 12).all()
+    assert (floored[0].sum(1) == 12).all() and torch.equal(floored[1], plain[1])
+    for row, mask in zip(rows, floored[0].bool()):
+        assert row[mask].min() > row[~mask].max()  # the 12 largest entries
+    with pytest.raises(ValueError, match="min_dims"):
+        hmlc_gmm.gmm_masks(rows, 2, min_dims=65)
+
+
 def test_level_attention_range_and_gradient():
     attention = hmlc_attention.LevelAttention(16, 8, levels=3)
     h = torch.randn(5, 16, requires_grad=True)

@@ -150,7 +150,7 @@ def test_supcon_protocol_views_are_crop_and_flip_only(monkeypatch):
     info = data.DatasetInfo("colour", "image", ["class"], [2], False, [["a", "b"]], channels=3, image_size=8,
                             mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    dataset = data.ImageTensorDataset(images, torch.arange(16)[:, None] % 2, info)
+    dataset = data.ResidentDataset(images, torch.arange(16)[:, None] % 2, info)
     monkeypatch.setattr(data, "colour_jitter", no_colour)
     monkeypatch.setattr(data, "grayscale", no_colour)
     with pytest.raises(AssertionError, match="colour jitter"):  # the training views would call it
@@ -279,7 +279,7 @@ def hierarchical_images(n, seed, multilabel=False):
         info = data.DatasetInfo("tiny", "image", ["category", "class"], [3, 6], False,
                                 [list("abc"), list("uvwxyz")], image_size=8)
         targets = torch.stack([fine // 2, fine], dim=1)
-    return data.ImageTensorDataset(images, targets, info)
+    return data.ResidentDataset(images, targets, info)
 
 
 def tiny_encoder():

@@ -35,7 +35,7 @@ def float64_setup(name, flags, batch=10):
     dataset = dataset.subset(torch.arange(0, 20 * batch, 20))  # several categories, some shared
     torch.manual_seed(0)
     model = module.build_model(args, dataset.info).double().train()
-    views = data.two_views(dataset.images, dataset.info, torch.Generator().manual_seed(1)).double()
+    views = data.two_views(dataset.inputs, dataset.info, torch.Generator().manual_seed(1)).double()
     return module, args, dataset.info, model, views, dataset.targets
 
 

@@ -113,13 +113,13 @@ def test_modelnet40_resampled_text_files(tmp_path):
     written = write_resampled(tmp_path)
     for split, samples in written.items():
         ds = data.load("modelnet40", str(tmp_path), split)
-        assert isinstance(ds, data.PointCloudDataset) and ds.points.dtype == torch.float32
-        assert ds.points.shape == (len(samples), 1024, 3) and ds.targets.shape == (len(samples), 2)
+        assert isinstance(ds, data.ResidentDataset) and ds.inputs.dtype == torch.float32
+        assert ds.inputs.shape == (len(samples), 1024, 3) and ds.targets.shape == (len(samples), 2)
         assert ds.targets.dtype == torch.long
         for i, (name, xyz) in enumerate(samples):
             assert ds.targets[i, 1].item() == data.MODELNET40_CLASSES.index(name)
-            assert np.allclose(ds.points[i].numpy(), expected_cloud(xyz), atol=1e-5)
-        assert_unit_sphere(ds.points)
+            assert np.allclose(ds.inputs[i].numpy(), expected_cloud(xyz), atol=1e-5)
+        assert_unit_sphere(ds.inputs)
         assert_levels_consistent(ds)
         info = ds.info
         assert info.modality == "points" and not info.multilabel
@@ -141,16 +141,16 @@ def test_modelnet40_cache_is_written_and_reused(tmp_path):
     first = data.load("modelnet40", str(tmp_path), "train")
     [cache] = cache_files(folder, "train")
     assert cache.with_name(cache.stem + "_labels.npy").exists()
-    assert np.array_equal(np.load(cache), first.points.numpy())
+    assert np.array_equal(np.load(cache), first.inputs.numpy())
     # Alter every point file: a re-parse would change the points.
     for name, number in RESAMPLED_SAMPLES["train"]:
         (folder / name / f"{name}_{number:04d}.txt").write_text("9,9,9,0,0,1\n" * 1100)
     again = data.load("modelnet40", str(tmp_path), "train")
-    assert torch.equal(again.points, first.points) and torch.equal(again.targets, first.targets)
+    assert torch.equal(again.inputs, first.inputs) and torch.equal(again.targets, first.targets)
     # Without the cache the altered files are parsed again (so the test above could fail).
     cache.unlink()
     reparsed = data.load("modelnet40", str(tmp_path), "train")
-    assert not torch.equal(reparsed.points, first.points)
+    assert not torch.equal(reparsed.inputs, first.inputs)
 
 
 def test_modelnet40_cache_follows_the_list_files(tmp_path):
@@ -178,14 +178,14 @@ def test_modelnet40_mesh_cache_follows_the_files(tmp_path):
     grown = data.load("modelnet40", str(tmp_path), "train")
     assert len(cache_files(folder, "train")) == 3
     (folder / "sofa" / "train" / "sofa_0002.off").write_text(tetrahedron_off())
-    assert not torch.equal(data.load("modelnet40", str(tmp_path), "train").points, grown.points)
+    assert not torch.equal(data.load("modelnet40", str(tmp_path), "train").inputs, grown.inputs)
 
 
 def test_modelnet40_points_option_and_short_files(tmp_path):
     """`points` keeps that many rows (its own cache file); a file with fewer rows is a clear error."""
     write_resampled(tmp_path, rows=1100)
     ds = data.load("modelnet40", str(tmp_path), "test", points=512)
-    assert ds.points.shape == (3, 512, 3)
+    assert ds.inputs.shape == (3, 512, 3)
     assert len(cache_files(tmp_path / "modelnet40_normal_resampled", "test", points=512)) == 1
     with pytest.raises(data.DataError, match="fewer than the 2048"):
         data.load("modelnet40", str(tmp_path), "test", points=2048)
@@ -209,22 +209,22 @@ def test_modelnet40_off_fallback(tmp_path):
     to 1024 points, normalised, cached, and the same points again after the cache is deleted (seeded)."""
     layout = write_meshes(tmp_path)
     train = data.load("modelnet40", str(tmp_path), "train")
-    assert train.points.shape == (3, 1024, 3)
+    assert train.inputs.shape == (3, 1024, 3)
     bathtub, sofa = data.MODELNET40_CLASSES.index("bathtub"), data.MODELNET40_CLASSES.index("sofa")
     assert train.targets[:, 1].tolist() == [bathtub, bathtub, sofa]
     assert train.info.num_classes == [8, 40]
-    assert_unit_sphere(train.points)
+    assert_unit_sphere(train.inputs)
     assert_levels_consistent(train)
     # The first bathtub is the cube: after normalisation its points still lie on an axis-aligned cube,
     # i.e. every point's largest |coordinate| (about the cube's centre) is the same.
-    cube = train.points[0].double()
+    cube = train.inputs[0].double()
     centre = (cube.max(0).values + cube.min(0).values) / 2
     extent = (cube - centre).abs().max(dim=1).values
     assert extent.max() - extent.min() < 1e-5
     [cache] = cache_files(tmp_path / "ModelNet40", "train")
     cache.unlink()
     again = data.load("modelnet40", str(tmp_path), "train")
-    assert torch.equal(again.points, train.points)
+    assert torch.equal(again.inputs, train.inputs)
     test = data.load("modelnet40", str(tmp_path), "test")
     assert test.targets[:, 1].tolist() == [sofa] * len(layout[("sofa", "test")])
 
@@ -379,19 +379,19 @@ def test_shapes_info_and_defaults():
     info = data.load("shapes", split="test", size=8, points=16).info
     assert info.modality == "points" and info.level_names == ["surface", "shape"] and info.num_classes == [2, 8]
     assert info.label_names == [["curved", "polyhedral"], data.SHAPES]
-    assert data.LOADERS["shapes"]("", "test", False, 0).points.shape[0] == 800
+    assert data.LOADERS["shapes"]("", "test", False, 0).inputs.shape[0] == 800
 
 
 def test_shapes_deterministic_balanced_and_normalised(shapes_small):
     train, test = shapes_small["train"], shapes_small["test"]
     again = data.load("shapes", split="train", size=160, points=256)
-    assert torch.equal(again.points, train.points) and torch.equal(again.targets, train.targets)
-    assert not torch.equal(train.points[:10], test.points[:10])
+    assert torch.equal(again.inputs, train.inputs) and torch.equal(again.targets, train.targets)
+    assert not torch.equal(train.inputs[:10], test.inputs[:10])
     for ds in (train, test):
-        assert ds.points.shape == (160, 256, 3) and ds.points.dtype == torch.float32
+        assert ds.inputs.shape == (160, 256, 3) and ds.inputs.dtype == torch.float32
         assert torch.equal(torch.bincount(ds.targets[:, 1], minlength=8), torch.full((8,), 20))
         assert torch.equal(ds.targets[:, 0], (ds.targets[:, 1] >= 5).long())  # curved: the first five
-        assert_unit_sphere(ds.points)
+        assert_unit_sphere(ds.inputs)
 
 
 def test_shapes_geometry(shapes_small):
@@ -406,9 +406,9 @@ def test_shapes_geometry(shapes_small):
         radius = (solution[3] + centre @ centre).sqrt()
         return ((p - centre).norm(dim=1) / radius - 1).abs().max()
 
-    spheres = ds.points[fine == data.SHAPES.index("sphere")].double()
+    spheres = ds.inputs[fine == data.SHAPES.index("sphere")].double()
     assert max(sphere_fit_error(p) for p in spheres) < 0.01
-    ellipsoids = ds.points[fine == data.SHAPES.index("ellipsoid")].double()
+    ellipsoids = ds.inputs[fine == data.SHAPES.index("ellipsoid")].double()
     assert min(sphere_fit_error(p) for p in ellipsoids) > 0.1
     assert ellipsoids.norm(dim=-1).min(dim=1).values.max() < 0.8
 
@@ -440,7 +440,7 @@ def test_shape_meshes_before_rotation():
 def test_shapes_fraction_is_stratified():
     ds = data.load("shapes", split="train", size=160, points=16, fraction=0.5)
     assert len(ds) == 80 and torch.equal(torch.bincount(ds.targets[:, 1]), torch.full((8,), 10))
-    assert isinstance(ds, data.PointCloudDataset)
+    assert isinstance(ds, data.ResidentDataset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,26 +450,26 @@ def test_shapes_fraction_is_stratified():
 
 def test_batches_and_to_device_with_points(shapes_small):
     """Resident point clouds are batched like images: shuffled, each sample once, inputs matching targets."""
-    points = shapes_small["train"].points
-    ds = data.to_device(data.PointCloudDataset(points, torch.arange(160), shapes_small["train"].info), torch.device("cpu"))
-    assert isinstance(ds, data.PointCloudDataset)
+    points = shapes_small["train"].inputs
+    ds = data.to_device(data.ResidentDataset(points, torch.arange(160), shapes_small["train"].info), torch.device("cpu"))
+    assert isinstance(ds, data.ResidentDataset)
     seen = []
     for x, ids in data.batches(ds, 32, torch.Generator().manual_seed(0), torch.device("cpu")):
         assert x.shape == (32, 256, 3) and torch.equal(x, points[ids])
         seen += ids.tolist()
     assert sorted(seen) == list(range(160)) and seen != sorted(seen)
-    assert isinstance(ds.subset([3, 1]), data.PointCloudDataset) and torch.equal(ds.subset([3, 1]).points, points[[3, 1]])
+    assert isinstance(ds.subset([3, 1]), data.ResidentDataset) and torch.equal(ds.subset([3, 1]).inputs, points[[3, 1]])
 
 
 def test_normalize_points_is_the_float_cloud(shapes_small):
     ds = shapes_small["test"]
-    x = ds.points[:4]
+    x = ds.inputs[:4]
     assert torch.equal(data.normalize(x, ds.info), x) and data.normalize(x.double(), ds.info).dtype == torch.float32
 
 
 def test_point_augmentation_shapes_and_seeding(shapes_small):
     ds = shapes_small["train"]
-    x = ds.points[:8]
+    x = ds.inputs[:8]
     views = data.two_views(x, ds.info, torch.Generator().manual_seed(3))
     assert views.shape == (2, 8, 256, 3) and views.dtype == torch.float32
     same = data.two_views(x, ds.info, torch.Generator().manual_seed(3))
@@ -480,7 +480,7 @@ def test_point_augmentation_shapes_and_seeding(shapes_small):
 
 def test_point_augmentation_per_sample_parameters(shapes_small):
     """Copies of one cloud get their own scale per axis (2/3..3/2) and shift (within 0.2) each."""
-    cloud = shapes_small["train"].points[0]
+    cloud = shapes_small["train"].inputs[0]
     x = cloud.expand(64, -1, -1).contiguous()
     g = torch.Generator().manual_seed(0)
     # Without subset and jitter the view is an exact per-axis affine map of the cloud: recover it.
@@ -500,7 +500,7 @@ def test_point_views_rescale_axes_only_where_allowed(augment, shapes_small):
     keep every cloud's proportions, which tell a sphere from an ellipsoid and a cube from a box."""
     assert shapes_small["train"].info.augment == "points-isotropic"
     info = data.DatasetInfo(**{**shapes_small["train"].info.__dict__, "augment": augment})
-    cloud = shapes_small["train"].points[2]
+    cloud = shapes_small["train"].inputs[2]
     views = data.augment(cloud.expand(32, -1, -1).contiguous(), info, torch.Generator().manual_seed(5))
     # Each view's extent along x, y and z relative to the cloud's: equal on all three axes (up to the
     # point subset and the jitter) unless the axes were scaled apart.
@@ -514,7 +514,7 @@ def test_point_views_rescale_axes_only_where_allowed(augment, shapes_small):
 
 def test_point_augmentation_random_subset(shapes_small):
     """Each cloud keeps its own random fraction (0.5..1) of its points, repeated up to the fixed size."""
-    cloud = shapes_small["train"].points[1]
+    cloud = shapes_small["train"].inputs[1]
     x = cloud.expand(32, -1, -1).contiguous()
     out = data.augment_points(x, torch.Generator().manual_seed(1), scale=(1.0, 1.0), shift=0.0, sigma=0.0)
     assert out.shape == x.shape
@@ -528,7 +528,7 @@ def test_point_augmentation_random_subset(shapes_small):
 
 def test_point_augmentation_jitter_is_clipped(shapes_small):
     """Noise of std 1 clipped to 0.02: every point ends up within 0.02 (per coordinate) of its source."""
-    x = shapes_small["train"].points[:4]
+    x = shapes_small["train"].inputs[:4]
     common = dict(keep=(1.0, 1.0), scale=(1.0, 1.0), shift=0.0)
 
     def noise(sigma):  # the same draws with and without noise: their difference is the jitter
@@ -547,7 +547,7 @@ def test_raw_floor_is_an_occupancy_histogram(shapes_small):
     raw = linear_eval.raw_inputs(ds)
     assert raw.shape == (160, 512)
     assert torch.allclose(raw.sum(1), torch.ones(160))
-    corner = data.PointCloudDataset(torch.tensor([[[-1.0, -1.0, -1.0], [0.99, 0.99, 0.99]]]),
+    corner = data.ResidentDataset(torch.tensor([[[-1.0, -1.0, -1.0], [0.99, 0.99, 0.99]]]),
                                     torch.zeros(1, 2, dtype=torch.long), ds.info)
     cells = linear_eval.raw_inputs(corner)[0]
     assert cells[0] == 0.5 and cells[511] == 0.5
@@ -565,7 +565,7 @@ def test_pointnet_is_permutation_invariant(name, shapes_small):
     torch.manual_seed(0)
     encoder, dim = method.build_encoder("pointnet", shapes_small["train"].info)
     assert dim == 256
-    x = shapes_small["train"].points[:6]
+    x = shapes_small["train"].inputs[:6]
     encoder.train()
     encoder(x)  # one training step's batch statistics, so that eval mode is not the identity BN
     encoder.eval()
@@ -581,10 +581,7 @@ def test_pointnet_is_permutation_invariant(name, shapes_small):
 def test_pointnet_identical_in_every_method_file():
     sources = {name: inspect.getsource(importlib.import_module(name).PointNet) for name in METHOD_FILES}
     assert len(set(sources.values())) == 1
-    presets = {name: importlib.import_module(name).PRESETS for name in METHOD_FILES}
-    for name in METHOD_FILES:
-        assert presets[name]["shapes"] == presets["supcon"]["shapes"] and presets[name]["shapes"]["arch"] == "pointnet"
-        assert presets[name]["modelnet40"]["arch"] == "pointnet"
+    assert data.PRESETS["shapes"]["arch"] == "pointnet" and data.PRESETS["modelnet40"]["arch"] == "pointnet"
 
 
 @pytest.mark.parametrize("name", METHOD_FILES)

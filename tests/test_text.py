@@ -441,7 +441,7 @@ def keyword_dataset(n, seed):
         words += [f"keyword{k}" for k in range(4) if row[k] > 0]
         texts.append(" ".join(words[i] for i in torch.randperm(len(words), generator=generator).tolist()))
     info = data.text_info("keywords", ["labels"], [[f"label{k}" for k in range(4)]], multilabel=True)
-    return data.TextDataset(data.encode_texts(texts, length=32), targets, info)
+    return data.ResidentDataset(data.encode_texts(texts, length=32), targets, info)
 
 
 def test_text_bag_counts_hashed_ngrams():

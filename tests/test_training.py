@@ -379,7 +379,7 @@ def test_every_method_contrasts_the_global_batch(name):
 
     module = importlib.import_module(name)
     dataset = data.load("hdigits", split="test", size=16)
-    views = data.two_views(dataset.images, dataset.info, torch.Generator().manual_seed(0))
+    views = data.two_views(dataset.inputs, dataset.info, torch.Generator().manual_seed(0))
     args = module.parse_args(["--dataset", "hdigits"])
     torch.manual_seed(0)
     model = module.build_model(args, dataset.info).eval()
