@@ -2,11 +2,12 @@
 
 - supcon_loss (one masked log-softmax over all anchors) against a per-anchor Python loop;
 - MLCL's level masks from one broadcast comparison against a per-row loop, B = 1024, L = 3 (target >= 5x);
-- mlcl_loss with H heads in one bmm against H separate supcon_loss calls, forward and backward. No
+- mlcl_loss with H heads against H separate supcon_loss calls, forward and backward. No
   target: mlcl_loss is written in supcon_loss's form (masked log-softmax, mean over each anchor's
   positives) to be read beside the equation; what must hold is the training step, at most 1.05x
-  SupCon's (bench/throughput.py). On a loaded 2-core CPU it ran at 0.79-0.93x of H supcon_loss
-  calls, 1.02-1.10x the earlier rearranged form (log-sum-exp minus a mean of positive logits).
+  SupCon's (bench/throughput.py). mlcl_loss takes the heads one after another: all heads in one [H, 2B, 2B]
+  pass ran 1.39x H supcon_loss calls at H = 3, B = 1024 on the 2-core CPU, one head at a time 0.85x
+  (bench/RESULTS.md).
 
     python bench/loss_speed.py [--device cuda]
 """
@@ -113,6 +114,8 @@ def main():
                          for h in range(heads)).backward()], device, 10)
         print(f"mlcl_loss H={heads} B={batch} forward+backward: {batched * 1e3:.2f} ms vs {heads} supcon_loss calls "
               f"{single * 1e3:.2f} ms -> {batched / single:.2f}x")
+
+
 
 if __name__ == "__main__":
     main()
