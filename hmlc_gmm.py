@@ -51,6 +51,7 @@ does, what we do, and the flag; tests/test_hmlc.py pins each row.
     | mask -> level    | -                      | -                           | largest mean: coarsest| -                   |
     | empty mask       | -                      | -                           | all ones              | -                   |
     | mask warm-up     | -                      | -                           | 50 steps of all ones  | --mask-warmup-steps |
+    | mask floor       | -                      | -                           | none                  | --mask-floor        |
     | masked features  | the embedding          | -                           | projection output e   | --mask-on           |
 
     Levels summed: the reference loop masks the last l label columns for l = 1..L-1, so its finest

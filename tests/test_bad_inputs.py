@@ -246,6 +246,7 @@ CASES = [
     case("weight-decay-nan", "hmlc_attention.py", [*HDIGITS, "--weight-decay", "nan"], "--weight-decay"),
     case("mlcl-temperatures-nan", "mlcl.py", [*HDIGITS, "--temperatures", "0.1", "nan"], "--temperatures"),
     case("mlcl-weights-nan", "mlcl.py", [*HDIGITS, "--weights", "1", "nan"], "--weights"),
+    case("gmm-mask-floor-2", "hmlc_gmm.py", [*HDIGITS, "--mask-floor", "2"], "--mask-floor must lie in [0, 1], got 2.0"),
     case("resume-empty", "hmlc_gmm.py", [*HDIGITS, "--resume", ""], "--resume"),
     case("tsne-max-points-1", "bench/tsne.py", ["{A}/checkpoint.pt", "--out", "{tmp}/plots-1", "--max-points", "1"],
          "--max-points must be at least 2", group="a", copies={"A": "supcon"}, guard=["{A}"], out=False),
