@@ -15,6 +15,8 @@
     rcv1                rcv1_split         topics (103), multi-hot, in 4 roots   downloaded by scikit-learn (sha256)
     skdocs              skdocs_split       module (~30) -> estimator (~190)      scikit-learn's own docstrings, offline
     skdocs-multilabel   skdocs_split       estimator types (4), multi-hot        the same documents
+    folder              folder_split       level0 -> level1 -> ... (folders)     your images: DIR/train/a/b/x.png, ...
+    csv                 csv_split          labels (K), multi-hot                 your images, listed in DIR/labels.csv
 
 "By hand": no checksummed source, so the error names the files and layout to put under the data folder.
 Labels: hierarchical targets are a LongTensor [L], coarse -> fine, with global ids at every level (a fine id
@@ -24,6 +26,7 @@ point clouds [N, P, 3], hashed word ids [N, TEXT_LENGTH]; hmnist is composed laz
 """
 
 import copy
+import csv
 import functools
 import gzip
 import hashlib
@@ -59,6 +62,12 @@ def load_or_exit(*args, **kwargs):
         raise SystemExit(f"error: {error}") from None
 
 
+def require(condition, message):
+    """A check on the user's files: DataError(message) unless `condition`."""
+    if not condition:
+        raise DataError(message)
+
+
 DOWNLOAD_OFF = "downloading is off (--no-download, or data.load's default download=False)"
 
 
@@ -67,7 +76,7 @@ def download_or_explain(download, what, source, size, target, by_hand):
     print(f"downloading {what} ({size}) from {source} into {target}", file=sys.stderr, flush=True)
     try:
         return download()
-    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's md5 check raises RuntimeError
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError, torchvision's failed md5 a RuntimeError
         reason = " ".join(str(error).split())  # torchvision lists every mirror it tried on lines of their own
         raise DataError(f"could not download {what} from {source} ({reason}); {by_hand}") from error
 
@@ -120,43 +129,32 @@ class ResidentDataset(Dataset):
     """Inputs [N, ...] and targets as tensors, small enough to keep whole on the training device."""
 
     def __init__(self, inputs, targets, info):
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        if inputs.shape[0] != len(targets):
+            raise ValueError(f"{inputs.shape[0]} inputs but {len(targets)} targets")
         self.inputs, self.targets, self.info = inputs, targets, info
 
     def __len__(self):
-        return len(self.inputs)
+        return self.inputs.shape[0]
 
     def __getitem__(self, index):
         return self.inputs[index], self.targets[index]
 
     def subset(self, indices):
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return ResidentDataset(self.inputs[indices], self.targets[indices], self.info)
+        return type(self)(self.inputs[indices.numpy()], self.targets[indices], self.info)
 
 
-class TfidfDataset(Dataset):
-    """TF-IDF rows as a scipy sparse matrix [N, D] and their targets; too large to densify whole (rcv1: 47,236
-    columns), so batches go through a DataLoader that densifies one batch at a time (`__getitems__`)."""
+class TfidfDataset(ResidentDataset):
+    """TF-IDF rows as a scipy sparse matrix [N, D]: too large to densify whole (rcv1: 47,236 columns), so they
+    stay sparse (`batches` and `to_device` leave them as they are) and a DataLoader densifies one batch at a time."""
 
-    def __init__(self, matrix, targets, info):
-        if matrix.shape[0] != len(targets):
-            raise ValueError(f"{matrix.shape[0]} documents but {len(targets)} targets")
-        self.matrix, self.targets, self.info = matrix, targets, info
-
-    def __len__(self):
-        return self.matrix.shape[0]
+    matrix = property(lambda self: self.inputs)
 
     def __getitem__(self, index):
-        return torch.from_numpy(self.matrix[[index]].toarray()[0]), self.targets[index]
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices):
-        rows = torch.from_numpy(self.matrix[np.asarray(indices)].toarray())
-        return list(zip(rows, self.targets[torch.as_tensor(indices)]))
-
-    def subset(self, indices):
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return TfidfDataset(self.matrix[indices.numpy()], self.targets[indices], self.info)
+        return list(zip(torch.from_numpy(self.inputs[np.asarray(indices)].toarray()), self.targets[indices]))
 
 
 # hdigits and hmnist: a big central digit (the class), a small one in the ring around it (the category) ----
@@ -168,21 +166,17 @@ def ring_positions(canvas, centre_start, centre_end, patch):
     """Top-left corners [K, 2], row-major, where a patch x patch digit lies in the canvas but not the centre box."""
     start = torch.arange(canvas - patch + 1)
     clear = (start + patch <= centre_start) | (start >= centre_end)
-    rows, cols = torch.meshgrid(start, start, indexing="ij")
-    in_ring = clear[:, None] | clear[None, :]
-    return torch.stack([rows[in_ring], cols[in_ring]], dim=1)
+    return torch.cartesian_prod(start, start)[(clear[:, None] | clear[None, :]).flatten()]
 
 
 def compose_digits(central, small, corners):
     """Paste big central digits [N, S, S] and small ring digits [N, p, p] on a canvas at the given corners."""
-    n, canvas_size, patch = len(central), central.shape[-1], small.shape[-1]
-    offsets = torch.arange(patch)
-    r = (corners[:, 0, None] + offsets)[:, :, None].expand(n, patch, patch)
-    c = (corners[:, 1, None] + offsets)[:, None, :].expand(n, patch, patch)
-    batch = torch.arange(n)[:, None, None].expand(n, patch, patch)
+    offsets = torch.arange(small.shape[-1])
+    where = (torch.arange(len(central))[:, None, None], (corners[:, 0, None] + offsets)[:, :, None],
+             (corners[:, 1, None] + offsets)[:, None, :])
     canvas = central.clone()
-    canvas[batch, r, c] = torch.maximum(canvas[batch, r, c], small)
-    return canvas.reshape(n, 1, canvas_size, canvas_size)
+    canvas[where] = torch.maximum(canvas[where], small)
+    return canvas[:, None]
 
 
 def hdigits_split(split, size, multilabel):
@@ -200,7 +194,7 @@ def hdigits_split(split, size, multilabel):
     fine = (torch.arange(size) % 100)[torch.randperm(size, generator=generator)]  # every pair equally often
     category, digit_class = fine // 10, fine % 10
 
-    def draw(digit_ids):
+    def draw(digit_ids):  # a source image of each digit id
         picks = torch.empty(len(digit_ids), dtype=torch.long)
         for d in range(10):
             where = (digit_ids == d).nonzero().flatten()
@@ -213,15 +207,12 @@ def hdigits_split(split, size, multilabel):
     corners = corners[torch.randint(len(corners), (size,), generator=generator)]
     canvas = (compose_digits(central, draw(category), corners).clamp(0, 1) * 255).round().to(torch.uint8)
     if multilabel:
-        targets = torch.zeros(size, 10)
-        targets[torch.arange(size), category] = 1.0
-        targets[torch.arange(size), digit_class] = 1.0
-        info = DatasetInfo("hdigits-multilabel", "image", ["digits"], [10], True, [DIGIT_NAMES], augment="canvas")
+        targets = (F.one_hot(category, 10) | F.one_hot(digit_class, 10)).float()
+        info = DatasetInfo("hdigits-multilabel", "image", ["digits"], [10], True, [DIGIT_NAMES])
     else:
         targets = torch.stack([category, fine], dim=1)
-        info = DatasetInfo("hdigits", "image", ["category", "class"], [10, 100], False,
-                           [DIGIT_NAMES, COMPOSITE_NAMES], augment="canvas")
-    info.mean, info.std = (0.1,), (0.25,)
+        info = DatasetInfo("hdigits", "image", ["category", "class"], [10, 100], False, [DIGIT_NAMES, COMPOSITE_NAMES])
+    info.mean, info.std, info.augment = (0.1,), (0.25,), "canvas"
     return ResidentDataset(canvas, targets, info)
 
 
@@ -231,22 +222,17 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def read_idx(path):
     """An IDX file (MNIST's format), plain or gzipped, as a tensor."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             header = f.read(4)
             zero, dtype_code, ndim = struct.unpack(">HBB", header) if len(header) == 4 else (None, None, 0)
-            if zero != 0 or dtype_code != 0x08:
-                raise DataError(f"{path} is not an unsigned-byte IDX file (empty or truncated?)")
+            require(zero == 0 and dtype_code == 0x08, f"{path} is not an unsigned-byte IDX file (empty or truncated?)")
             dims = f.read(4 * ndim)
-            if len(dims) != 4 * ndim:
-                raise DataError(f"{path}: truncated IDX header")
-            shape = struct.unpack(f">{ndim}I", dims)
-            array = np.frombuffer(f.read(), dtype=np.uint8)
+            require(len(dims) == 4 * ndim, f"{path}: truncated IDX header")
+            shape, array = struct.unpack(f">{ndim}I", dims), np.frombuffer(f.read(), dtype=np.uint8)
     except (EOFError, OSError) as error:  # a truncated or corrupt .gz
         raise DataError(f"{path}: unreadable ({error})") from error
-    if array.size != math.prod(shape):
-        raise DataError(f"{path}: header says {shape} but holds {array.size} bytes")
+    require(array.size == math.prod(shape), f"{path}: header says {shape} but holds {array.size} bytes")
     return torch.from_numpy(array.reshape(shape).copy())
 
 
@@ -275,18 +261,14 @@ class HierarchicalMNIST(Dataset):
     """
 
     def __init__(self, root, split, download=False, image_size=192, seed=0):
-        if image_size < 12:
-            raise DataError(f"--image-size must be at least 12 for hmnist, got {image_size}")
-        image_file, label_file = MNIST_FILES[split]
-        image_path, label_path = find_mnist_file(root, image_file, download), find_mnist_file(root, label_file, download)
+        require(image_size >= 12, f"--image-size must be at least 12 for hmnist, got {image_size}")
+        image_path, label_path = (find_mnist_file(root, name, download) for name in MNIST_FILES[split])
         self.digits, labels = read_idx(image_path), read_idx(label_path).long()
-        if self.digits.dim() != 3 or labels.dim() != 1:
-            raise DataError(f"{image_path} must hold images [N, H, W] and {label_path} labels [N]; they hold "
-                            f"{tuple(self.digits.shape)} and {tuple(labels.shape)}")
-        if len(self.digits) != len(labels) or len(self.digits) == 0:
-            raise DataError(f"{image_path} holds {len(self.digits)} images but {label_path} {len(labels)} labels")
-        if labels.max() > 9:
-            raise DataError(f"{label_path}: MNIST labels are digits 0..9, found {int(labels.max())}")
+        require(self.digits.dim() == 3 and labels.dim() == 1, f"{image_path} must hold images [N, H, W] and "
+                f"{label_path} labels [N]; they hold {tuple(self.digits.shape)} and {tuple(labels.shape)}")
+        require(len(self.digits) == len(labels) > 0,
+                f"{image_path} holds {len(self.digits)} images but {label_path} {len(labels)} labels")
+        require(labels.max() <= 9, f"{label_path}: MNIST labels are digits 0..9, found {int(labels.max())}")
         self.image_size, self.ring = image_size, max(1, round(image_size / 6))
         self.corners = ring_positions(image_size, self.ring, image_size - self.ring, self.ring)
         rng = torch.Generator().manual_seed(seed if split == "train" else 1_000_003)
@@ -296,8 +278,8 @@ class HierarchicalMNIST(Dataset):
         category = labels[self.small_index]
         self.targets = torch.stack([category, 10 * category + labels], dim=1)
         self.info = DatasetInfo("hmnist", "image", ["category", "class"], [10, 100], False,
-                                [DIGIT_NAMES, COMPOSITE_NAMES],
-                                image_size=image_size, mean=(0.05,), std=(0.2,), augment="canvas")
+                                [DIGIT_NAMES, COMPOSITE_NAMES], image_size=image_size, mean=(0.05,), std=(0.2,),
+                                augment="canvas")
 
     def __len__(self):
         return len(self.indices)
@@ -338,15 +320,13 @@ def cifar100_split(root, split, download):
     path, meta_path = os.path.join(folder, split), os.path.join(folder, "meta")
     missing = [name for name in (path, meta_path) if not os.path.exists(name)]
     unpack = f"unpack cifar-100-python.tar.gz into {root} so that {folder} holds train, test and meta"
-    if missing and not download:
-        raise DataError(f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
+    require(download or not missing, f"CIFAR-100: {' and '.join(missing)} not found and {DOWNLOAD_OFF}; {unpack}")
     tarball = os.path.join(root, "cifar-100-python.tar.gz")
     if missing and os.path.exists(tarball):  # put there by hand, or left by a download that broke off
         from torchvision.datasets.utils import check_integrity, extract_archive
 
-        if not check_integrity(tarball, CIFAR100_MD5):
-            raise DataError(f"{tarball} fails its md5 check (not {CIFAR100_MD5}: a partial download?); delete it "
-                            f"and run again, or {unpack}")
+        require(check_integrity(tarball, CIFAR100_MD5), f"{tarball} fails its md5 check (not {CIFAR100_MD5}: a "
+                f"partial download?); delete it and run again, or {unpack}")
         extract_archive(tarball, root)
         missing = [name for name in (path, meta_path) if not os.path.exists(name)]
     if missing:
@@ -359,19 +339,16 @@ def cifar100_split(root, split, download):
     meta = read_pickle(meta_path, (b"coarse_label_names", b"fine_label_names"))
     try:
         images = torch.from_numpy(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        fine = torch.tensor(entry[b"fine_labels"], dtype=torch.long)
-        coarse = torch.tensor(entry[b"coarse_labels"], dtype=torch.long)
+        fine, coarse = (torch.tensor(entry[key], dtype=torch.long) for key in (b"fine_labels", b"coarse_labels"))
     except (ValueError, TypeError) as error:
         raise DataError(f"{path}: not a CIFAR-100 batch of 3x32x32 images with integer labels ({error})") from error
-    if len(images) == 0:
-        raise DataError(f"{path}: a CIFAR-100 batch without images")
-    if not len(images) == len(fine) == len(coarse):
-        raise DataError(f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
-    if not 0 <= fine.min() <= fine.max() < 100:
-        raise DataError(f"{path}: fine labels outside 0..99")
-    if not torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]):
-        raise DataError(f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
-    names = [[n.decode() for n in meta[b"coarse_label_names"]], [n.decode() for n in meta[b"fine_label_names"]]]
+    require(len(images) > 0, f"{path}: a CIFAR-100 batch without images")
+    require(len(images) == len(fine) == len(coarse),
+            f"{path}: {len(images)} images, {len(fine)} fine and {len(coarse)} coarse labels")
+    require(0 <= fine.min() <= fine.max() < 100, f"{path}: fine labels outside 0..99")
+    require(torch.equal(coarse, torch.tensor(FINE_TO_COARSE)[fine]),
+            f"{path}: coarse labels disagree with the CIFAR-100 superclass table")
+    names = [[n.decode() for n in meta[key]] for key in (b"coarse_label_names", b"fine_label_names")]
     info = DatasetInfo("cifar100", "image", ["superclass", "class"], [20, 100], False, names, channels=3,
                        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop")
     return ResidentDataset(images, torch.stack([coarse, fine], dim=1), info)
@@ -385,8 +362,7 @@ def read_pickle(path, keys):
     except Exception as error:  # a truncated or foreign pickle raises any of a dozen types
         raise DataError(f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt? ({error!r})") from error
     missing = [key.decode() for key in keys if not isinstance(entry, dict) or key not in entry]
-    if missing:
-        raise DataError(f"{path}: a CIFAR-100 pickle without {', '.join(missing)}")
+    require(not missing, f"{path}: a CIFAR-100 pickle without {', '.join(missing)}")
     return entry
 
 
@@ -445,39 +421,41 @@ def modelnet40_split(root, split, groups=None, points=1024):
     or meshes' names and sizes), so that a full unzip after a partial one is parsed again.
     """
     resampled, meshes = os.path.join(root, "modelnet40_normal_resampled"), os.path.join(root, "ModelNet40")
-    if not (os.path.isdir(resampled) or os.path.isdir(meshes)):
-        raise DataError(f"ModelNet40 not found: expected {resampled}/ (modelnet40_shape_names.txt, "
-                        f"modelnet40_train.txt, modelnet40_test.txt, <class>/<class>_0001.txt) or OFF meshes "
-                        f"{meshes}/<class>/<train|test>/*.off; it has no stable checksummed source to download "
-                        f"from: get {MODELNET40_SOURCES} and unzip it into {root}")
-    folder = resampled if os.path.isdir(resampled) else meshes
-    if folder == resampled:
-        names_file, list_file = (os.path.join(resampled, f"modelnet40_{name}.txt") for name in ("shape_names", split))
-        names, samples = read_list(names_file), read_list(list_file)
-        listing = names + samples
+    require(os.path.isdir(resampled) or os.path.isdir(meshes), f"ModelNet40 not found: expected {resampled}/ "
+            f"(modelnet40_shape_names.txt, modelnet40_train.txt, modelnet40_test.txt, <class>/<class>_0001.txt) or "
+            f"OFF meshes {meshes}/<class>/<train|test>/*.off; it has no stable checksummed source to download "
+            f"from: get {MODELNET40_SOURCES} and unzip it into {root}")
+    if os.path.isdir(resampled):
+        folder, list_file = resampled, os.path.join(resampled, f"modelnet40_{split}.txt")
+        names, samples = read_list(os.path.join(resampled, "modelnet40_shape_names.txt")), read_list(list_file)
+        listing, files = names + samples, []
+        for sample in samples:
+            name = sample.rsplit("_", 1)[0]  # "night_stand_0001" -> "night_stand"
+            path = os.path.join(folder, name, sample + ".txt")
+            require(name in names and os.path.exists(path), f"{list_file} names {sample}, but {path} is not there"
+                    + ("" if name in names else f" ({name!r} is not in modelnet40_shape_names.txt)"))
+            files.append((names.index(name), path))
     else:
-        names = MODELNET40_CLASSES
+        folder, names = meshes, MODELNET40_CLASSES
         files = [(i, os.path.join(folder, name, split, file)) for i, name in enumerate(names)
                  if os.path.isdir(os.path.join(folder, name, split))
                  for file in sorted(os.listdir(os.path.join(folder, name, split))) if file.endswith(".off")]
-        if not files:
-            raise DataError(f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
+        require(files, f"no OFF meshes under {os.path.join(folder, '<class>', split)}")
         listing = [f"{os.path.relpath(path, folder)} {os.path.getsize(path)}" for _, path in files]
     groups = MODELNET40_GROUPS if groups is None else groups
     missing = [name for name in names if name not in groups]
-    if missing:
-        raise DataError(f"ModelNet40 classes {missing} (from {folder}) have no coarse group; data.load('modelnet40', ..., groups={{class: group}}) must name one for each")
+    require(not missing, f"ModelNet40 classes {missing} (from {folder}) have no coarse group; "
+            f"data.load('modelnet40', ..., groups={{class: group}}) must name one for each")
     group_names = sorted({groups[name] for name in names})
     key = hashlib.sha1("\n".join(listing).encode()).hexdigest()[:12]
     cache = os.path.join(folder, f"modelnet40_{split}_{points}_{key}")
     if os.path.exists(cache + ".npy") and os.path.exists(cache + "_labels.npy"):
         clouds, fine = np.load(cache + ".npy"), np.load(cache + "_labels.npy")
     else:
-        if folder == resampled:
-            clouds, fine = read_resampled(folder, list_file, samples, names, points)
-        else:
-            clouds, fine = read_meshes(files, split, points)
-        clouds = unit_sphere(clouds).astype(np.float32)
+        clouds = np.empty((len(files), points, 3), dtype=np.float32)
+        for k, (_, path) in enumerate(tqdm(files, desc=f"reading ModelNet40 {split} (once)", leave=False)):
+            clouds[k] = read_cloud(path, points, seed=[{"train": 0, "test": 1}[split], k])
+        clouds, fine = unit_sphere(clouds).astype(np.float32), np.array([c for c, _ in files], dtype=np.int64)
         for path, array in ((cache + ".npy", clouds), (cache + "_labels.npy", fine)):
             with open(path + ".tmp", "wb") as f:  # atomic: an interrupted parse leaves no half cache
                 np.save(f, array)
@@ -491,48 +469,29 @@ def modelnet40_split(root, split, groups=None, points=1024):
 
 def read_list(path):
     """The non-empty lines of a ModelNet40 list file (class names, or the samples of a split)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path} not found (ModelNet40's list files are modelnet40_shape_names.txt, "
-                        f"modelnet40_train.txt and modelnet40_test.txt)")
-    with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise DataError(f"{path} is empty")
+    require(os.path.exists(path), f"{path} not found (ModelNet40's list files are modelnet40_shape_names.txt, "
+            f"modelnet40_train.txt and modelnet40_test.txt)")
+    lines = [line.strip() for line in read_lines(path) if line.strip()]
+    require(lines, f"{path} is empty")
     return lines
 
 
-def read_resampled(folder, list_file, samples, names, points):
-    """The first `points` xyz rows of every text file named in `list_file`, and their class ids."""
-    class_id = {name: i for i, name in enumerate(names)}
-    clouds, fine = np.empty((len(samples), points, 3), dtype=np.float32), np.empty(len(samples), dtype=np.int64)
-    for i, sample in enumerate(tqdm(samples, desc=f"parsing {os.path.basename(list_file)} (once)", leave=False)):
-        name = sample.rsplit("_", 1)[0]  # "night_stand_0001" -> "night_stand"
-        path = os.path.join(folder, name, sample + ".txt")
-        if name not in class_id or not os.path.exists(path):
-            raise DataError(f"{list_file} names {sample}, but {path} is not there"
-                            + ("" if name in class_id else f" ({name!r} is not in modelnet40_shape_names.txt)"))
-        with open(path, errors="replace") as f:
-            rows = list(itertools.islice(f, points))
-        if len(rows) != points:
-            raise DataError(f"{path} has {len(rows)} points, fewer than the {points} asked for")
-        try:
-            clouds[i], fine[i] = np.loadtxt(rows, delimiter=",", usecols=(0, 1, 2), ndmin=2), class_id[name]
-        except ValueError as error:
-            raise DataError(f"{path}: expected comma-separated rows x,y,z,nx,ny,nz ({error})") from error
-    return clouds, fine
-
-
-def read_meshes(files, split, points):
-    """`points` surface samples of every OFF mesh in `files` [(class id, path)], and the class ids."""
-    clouds, fine = np.empty((len(files), points, 3), dtype=np.float32), np.empty(len(files), dtype=np.int64)
-    for k, (class_id, path) in enumerate(tqdm(files, desc=f"sampling ModelNet40 {split} meshes (once)", leave=False)):
+def read_cloud(path, points, seed):
+    """`points` xyz points of a ModelNet40 file: a resampled text file's first rows, or samples of an OFF mesh's
+    surface drawn from `seed`."""
+    if path.endswith(".off"):
         vertices, faces = read_off(path)
-        rng = np.random.default_rng([{"train": 0, "test": 1}[split], k])
         try:
-            clouds[k], fine[k] = sample_surface(vertices[faces][None], points, rng)[0], class_id
+            return sample_surface(vertices[faces][None], points, np.random.default_rng(seed))[0]
         except ValueError as error:  # every face degenerate
             raise DataError(f"{path}: {error}") from None
-    return clouds, fine
+    with open(path, errors="replace") as f:
+        rows = list(itertools.islice(f, points))
+    require(len(rows) == points, f"{path} has {len(rows)} points, fewer than the {points} asked for")
+    try:
+        return np.loadtxt(rows, delimiter=",", usecols=(0, 1, 2), ndmin=2)
+    except ValueError as error:
+        raise DataError(f"{path}: expected comma-separated rows x,y,z,nx,ny,nz ({error})") from error
 
 
 def read_off(path):
@@ -540,8 +499,7 @@ def read_off(path):
     the counts to the magic word: "OFF490 518 0"."""
     with open(path, errors="replace") as f:  # a binary file is then "not an OFF file", not a UnicodeDecodeError
         lines = [line for line in (line.split("#")[0].strip() for line in f) if line]
-    if not lines or not lines[0].startswith("OFF"):
-        raise DataError(f"{path} is not an OFF file (it starts with {lines[:1]})")
+    require(lines and lines[0].startswith("OFF"), f"{path} is not an OFF file (it starts with {lines[:1]})")
     try:
         counts, start = (lines[0][3:].split(), 1) if lines[0][3:].strip() else (lines[1].split(), 2)
         num_vertices, num_faces = int(counts[0]), int(counts[1])
@@ -562,10 +520,8 @@ def read_off(path):
             faces = np.array(faces, dtype=np.int64).reshape(-1, 3)
     except (ValueError, IndexError) as error:
         raise DataError(f"{path}: malformed OFF file ({error})") from error
-    if len(faces) == 0:
-        raise DataError(f"{path}: a mesh without faces has no surface to sample points from")
-    if faces.min() < 0 or faces.max() >= num_vertices:
-        raise DataError(f"{path}: face indices must lie in [0, {num_vertices})")
+    require(len(faces) > 0, f"{path}: a mesh without faces has no surface to sample points from")
+    require(faces.min() >= 0 and faces.max() < num_vertices, f"{path}: face indices must lie in [0, {num_vertices})")
     return vertices, faces
 
 
@@ -586,15 +542,12 @@ def revolve(profile, segments):
 
 def shape_meshes(shape, n, rng):
     """Triangle meshes [n, F, 3, 3] of one procedural shape with random proportions (before rotation)."""
-
-    def uniform(low, high):
-        return rng.uniform(low, high, n)
+    uniform = functools.partial(rng.uniform, size=n)
 
     def profile(*corners):  # (radius, height) pairs, each a number or an [n] array -> [n, K, 2]
         return np.stack([np.broadcast_to(value, n) for corner in corners for value in corner], -1).reshape(n, -1, 2)
 
-    arc = np.linspace(0, np.pi, 25)
-    axes = np.ones((n, 3))
+    arc, axes = np.linspace(0, np.pi, 25), np.ones((n, 3))
     if shape in ("sphere", "ellipsoid"):
         triangles = revolve(np.broadcast_to(np.stack([np.sin(arc), np.cos(arc)], -1), (n, 25, 2)), 48)
         if shape == "ellipsoid":
@@ -665,11 +618,11 @@ def hash_token(token, buckets=TEXT_BUCKETS):
 
 def encode_texts(texts, length=TEXT_LENGTH, buckets=TEXT_BUCKETS):
     """Documents -> LongTensor [N, length] of hashed word ids: the first `length` words, 0-padded."""
-    ids = np.zeros((len(texts), length), dtype=np.int64)
-    known = {}
+    ids, known = np.zeros((len(texts), length), dtype=np.int64), {}
     for row, text in enumerate(texts):
         words = tokenize(text)[:length]
-        ids[row, : len(words)] = [known[w] if w in known else known.setdefault(w, hash_token(w, buckets)) for w in words]
+        ids[row, : len(words)] = [known[w] if w in known else known.setdefault(w, hash_token(w, buckets))
+                                  for w in words]
     return torch.from_numpy(ids)
 
 
@@ -692,41 +645,33 @@ def wos_split(root, split, release="46985"):
     An area is a (YL1 domain, YL2) pair, so every area lies in one domain; Y.txt is not read: three of its ids
     occur under two domains in WOS-46985. A fixed stratified 80/20 split of the areas. Not downloaded: Mendeley
     Data publishes no checksum."""
-    if release not in WOS_RELEASES:
-        raise DataError(f"unknown WOS release {release!r}; choose from {', '.join(WOS_RELEASES)}")
+    require(release in WOS_RELEASES, f"unknown WOS release {release!r}; choose from {', '.join(WOS_RELEASES)}")
     folder = os.path.join(root, "WebOfScience", f"WOS{release}")
     paths = {name: os.path.join(folder, f"{name}.txt") for name in ("X", "YL1", "YL2")}
     missing = [path for path in paths.values() if not os.path.exists(path)]
-    if missing:
-        raise DataError(f"WOS-{release}: {', '.join(missing)} not found; get WebOfScience.zip from Mendeley "
-                        f"Data (doi:10.17632/9rw3vkcfy4.6, {WOS_URL}; no published checksum, so it is not "
-                        f"downloaded) and unzip it so that {folder} holds X.txt, YL1.txt and YL2.txt")
+    require(not missing, f"WOS-{release}: {', '.join(missing)} not found; get WebOfScience.zip from Mendeley Data "
+            f"(doi:10.17632/9rw3vkcfy4.6, {WOS_URL}; no published checksum, so it is not downloaded) and unzip it "
+            f"so that {folder} holds X.txt, YL1.txt and YL2.txt")
     texts = read_lines(paths["X"])
-    if not texts:
-        raise DataError(f"{paths['X']} is empty")
-    labels = {name: read_label_file(paths[name], len(texts), paths["X"]) for name in ("YL1", "YL2")}
-    pairs, area = torch.stack([labels["YL1"], labels["YL2"]], dim=1).unique(dim=0, return_inverse=True)
+    require(texts, f"{paths['X']} is empty")
+    labels = []
+    for path in (paths["YL1"], paths["YL2"]):  # one non-negative integer per line, as many lines as texts
+        lines = read_lines(path)
+        require(len(lines) == len(texts), f"{path} has {len(lines)} lines but {paths['X']} has {len(texts)}")
+        for number, line in enumerate(lines, 1):
+            require(re.fullmatch(r"\s*[0-9]+\s*", line),
+                    f"{path}, line {number}: {line!r} is not a label id (a non-negative integer)")
+        labels.append(torch.tensor([int(line) for line in lines], dtype=torch.long))
+    pairs, area = torch.stack(labels, dim=1).unique(dim=0, return_inverse=True)
     domains = pairs[:, 0].unique()
-    domain = torch.searchsorted(domains, labels["YL1"])  # numbered 0.. even if the files skip one
+    domain = torch.searchsorted(domains, labels[0])  # numbered 0.. even if the files skip one
     keep = split_indices(area, split)
-    if len(keep) == 0:
-        raise DataError(f"{paths['X']}: {len(texts)} documents leave the {split} split empty (20 % of each area goes "
-                        "to test); is the release complete?")
+    require(len(keep) > 0, f"{paths['X']}: {len(texts)} documents leave the {split} split empty (20 % of each "
+            "area goes to test); is the release complete?")
     info = text_info("wos", ["domain", "area"], [[f"domain {k}" for k in domains.tolist()],
                                                  [f"domain {k}, area {j}" for k, j in pairs.tolist()]])
     targets = torch.stack([domain, area], dim=1)[keep]
     return ResidentDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
-
-
-def read_label_file(path, expected, text_path):
-    """One non-negative integer per line, as many lines as the texts have."""
-    lines = read_lines(path)
-    if len(lines) != expected:
-        raise DataError(f"{path} has {len(lines)} lines but {text_path} has {expected}")
-    for number, line in enumerate(lines, 1):
-        if not re.fullmatch(r"\s*[0-9]+\s*", line):
-            raise DataError(f"{path}, line {number}: {line!r} is not a label id (a non-negative integer)")
-    return torch.tensor([int(line) for line in lines], dtype=torch.long)
 
 
 def read_lines(path):
@@ -769,7 +714,8 @@ def rcv1_split(root, split, download, test_size=20_000):
     folder = os.path.join(root, "RCV1")
     files = [*_rcv1.XY_METADATA, _rcv1.TOPICS_METADATA]
     by_hand = f"put the six RCV1 files ({', '.join(f'{f.filename} from {f.url}' for f in files)}) into {folder}"
-    caches = [os.path.join(folder, f"{name}_py3.pkl") for name in ("samples", "sample_id", "sample_topics", "topics_names")]
+    caches = [os.path.join(folder, f"{name}_py3.pkl")
+              for name in ("samples", "sample_id", "sample_topics", "topics_names")]
     bunch = sklearn_fetch(functools.partial(fetch_rcv1, data_home=root, subset=split), download, "RCV1",
                           "https://ndownloader.figshare.com (6 files)", "656 MB, sha256-checked", folder, by_hand,
                           [(os.path.join(folder, f.filename), f.checksum) for f in files], caches)
@@ -793,15 +739,10 @@ ESTIMATOR_TYPES = ("classifier", "regressor", "transformer", "clusterer")
 def docstring_documents(doc):
     """A numpydoc docstring's documents: the summary (before the first section) and one per Parameters entry
     ("name : type" line and its indented description)."""
-    lines = inspect.cleandoc(doc or "").splitlines()
-    sections, name, index = {"summary": []}, "summary", 0
-    while index < len(lines):
-        if index + 1 < len(lines) and lines[index].strip() and re.fullmatch(r"\s*-{3,}\s*", lines[index + 1]):
-            name, index = lines[index].strip(), index + 2
-            sections[name] = []
-            continue
-        sections[name].append(lines[index])
-        index += 1
+    # A section starts at a non-blank line underlined by three or more dashes.
+    parts = re.split(r"^[^\S\n]*(\S[^\n]*?)[^\S\n]*\n[^\S\n]*-{3,}[^\S\n]*$", inspect.cleandoc(doc or ""), flags=re.M)
+    sections = {"summary": parts[0].splitlines(),
+                **{name: text.splitlines() for name, text in zip(parts[1::2], parts[2::2])}}
     documents = ["\n".join(sections["summary"]).strip()]
     for line in sections.get("Parameters", []):
         if line.strip() and not line[0].isspace():
@@ -822,10 +763,9 @@ def mask_name(text, name):
     masked = {name.lower()} | {piece.lower() for piece in camel_pieces(name) if len(piece) > 1}
 
     def replace(match):
-        word = match.group(0)
+        word, parts = match.group(0), camel_pieces(match.group(0))
         if word.lower() in masked:
             return MASK
-        parts = camel_pieces(word)
         if any(part.lower() in masked for part in parts):
             return " ".join(MASK if part.lower() in masked else part for part in parts)
         return word
@@ -848,15 +788,13 @@ def skdocs_corpus(min_documents=4):
     kept = [(name, cls.__module__.split(".")[1], cls, documents) for name, cls in estimators
             if len(documents := docstring_documents(cls.__doc__)) >= min_documents]
     modules = sorted({module for _, module, _, _ in kept})
-    texts, coarse, fine, kinds = [], [], [], []
-    for index, (name, module, cls, documents) in enumerate(kept):
-        kind = [float(issubclass(cls, mixin)) for mixin in (ClassifierMixin, RegressorMixin, TransformerMixin, ClusterMixin)]
-        texts += [mask_name(document, name) for document in documents]
-        coarse += [modules.index(module)] * len(documents)
-        fine += [index] * len(documents)
-        kinds += [kind] * len(documents)
-    names = [name for name, _, _, _ in kept]
-    return texts, torch.tensor(coarse), torch.tensor(fine), torch.tensor(kinds), modules, names
+    counts = torch.tensor([len(documents) for *_, documents in kept])
+    mixins = (ClassifierMixin, RegressorMixin, TransformerMixin, ClusterMixin)
+    kinds = torch.tensor([[float(issubclass(cls, mixin)) for mixin in mixins] for _, _, cls, _ in kept])
+    return ([mask_name(document, name) for name, _, _, documents in kept for document in documents],
+            torch.tensor([modules.index(module) for _, module, _, _ in kept]).repeat_interleave(counts),
+            torch.arange(len(kept)).repeat_interleave(counts), kinds.repeat_interleave(counts, dim=0),
+            modules, [name for name, *_ in kept])
 
 
 def skdocs_split(split, multilabel):
@@ -872,6 +810,128 @@ def skdocs_split(split, multilabel):
         info = text_info("skdocs", ["module", "estimator"], [modules, names])
         targets = torch.stack([coarse, fine], dim=1)[keep]
     return ResidentDataset(encode_texts([texts[i] for i in keep.tolist()]), targets, info)
+
+
+# folder and csv: your own images, resized once and kept resident as uint8 ----------------------------------
+IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's: fixed, so train and test agree
+
+
+def read_images(folder, files, size, name):
+    """uint8 images [N, 3, size, size] of `--dataset name`: each file converted to RGB and resized whole, once."""
+    from PIL import Image
+
+    require(size >= 8, f"--image-size must be at least 8 for {name}, got {size}")
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for k, file in enumerate(tqdm(files, desc=f"reading {len(files)} images under {folder}", leave=False)):
+        try:
+            with Image.open(os.path.join(folder, file)) as image:
+                images[k] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            raise DataError(f"{os.path.join(folder, file)}: not an image Pillow can read ({error})") from None
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def label_tree(folder):
+    """(files, label paths) of the images under `folder`, sorted: the folders between it and a file are its label
+    path. Hidden files and files whose extension Pillow does not register are skipped without a word: genuine
+    trees hold .DS_Store, Thumbs.db, README.txt."""
+    from PIL import Image
+
+    known, files, folders = Image.registered_extensions(), [], set()
+    for parent, children, names in os.walk(folder):
+        children[:] = sorted(name for name in children if not name.startswith("."))
+        folders |= {os.path.relpath(os.path.join(parent, name), folder) for name in children}
+        files += [os.path.relpath(os.path.join(parent, name), folder) for name in names
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in known]
+    files = sorted(files)
+    require(files, f"no images under {folder}")
+    depths = {}
+    for file in files:
+        depths.setdefault(file.count(os.sep), os.path.join(folder, file))
+    require(len(depths) == 1, f"{folder} mixes depths, every image must lie as many folders deep as the hierarchy "
+            "has levels: " + ", ".join(f"{path} ({depth} deep)" for depth, path in sorted(depths.items())))
+    require(0 not in depths, f"{depths.get(0)} lies directly in {folder}: images go into class folders")
+    paths = [file.split(os.sep)[:-1] for file in files]
+    for empty in sorted(folders - {os.path.join(*parts[:k]) for parts in paths for k in range(1, len(parts) + 1)}):
+        raise DataError(f"the class folder {os.path.join(folder, empty)} holds no images")
+    return files, paths
+
+
+def folder_split(root, split, image_size):
+    """Your images as a hierarchy: the folders between DIR/train (DIR/test) and a file are its label path,
+    coarse -> fine, as deep as you like (all files equally deep); DIR/train/animal/cat/1.png is (animal,
+    animal/cat). Without train/ and test/, DIR is one tree split 80/20 by a fixed draw stratified by class."""
+    require(os.path.isdir(root), f"--dataset folder: {root} (--data-dir) is not a folder")
+    halves = [os.path.isdir(os.path.join(root, half)) for half in ("train", "test")]
+    require(halves[0] == halves[1], f"{root} holds a {'train' if halves[0] else 'test'} folder but no "
+            f"{'test' if halves[0] else 'train'} one: give both, or neither (then {root} is one tree, split 80/20)")
+    tree = os.path.join(root, "train") if halves[0] else root
+    files, paths = label_tree(tree)
+    names = [sorted({"/".join(parts[: k + 1]) for parts in paths}) for k in range(len(paths[0]))]
+    ids = [{name: i for i, name in enumerate(level)} for level in names]
+    if halves[0] and split == "test":
+        tree = os.path.join(root, "test")
+        files, paths = label_tree(tree)
+        for parts in paths:
+            if "/".join(parts) not in ids[-1]:
+                raise DataError(f"{os.path.join(tree, *parts)}: a test class that {os.path.join(root, 'train')} lacks")
+    targets = torch.tensor([[ids[k]["/".join(parts[: k + 1])] for k in range(len(names))] for parts in paths])
+    how = f"under {tree}"
+    if not halves[0]:  # the same fixed draw for every method and seed
+        keep = split_indices(targets[:, -1], split)
+        files, targets = [files[i] for i in keep.tolist()], targets[keep]
+        how = f"of {len(paths)} under {root} (no train/ and test/ folders: a fixed 80/20 draw, stratified by class)"
+    summary = f"{len(files)} {split} images {how}, {len(names)} levels: {' > '.join(map(str, map(len, names)))} classes"
+    info = DatasetInfo("folder", "image", [f"level{k}" for k in range(len(names))], [len(level) for level in names],
+                       False, names, channels=3, image_size=image_size, mean=IMAGE_MEAN, std=IMAGE_STD,
+                       augment="crop", extra={"summary": summary})
+    return ResidentDataset(read_images(tree, files, image_size, "folder"), targets, info)
+
+
+def csv_split(root, split, image_size):
+    """Your images with multi-hot labels, listed in DIR/labels.csv: a `path` column (relative to DIR), and either
+    one 0/1 column per label (its name in the header) or a `labels` column of ;-separated names; the split from
+    a `split` column of train/test values, else a fixed 80/20 draw (seed 0)."""
+    table = os.path.join(root, "labels.csv")
+    require(os.path.isfile(table), f"--dataset csv: {table} not found (--data-dir names the folder of labels.csv)")
+    with open(table, newline="", encoding="utf-8-sig") as f:  # (utf-8-sig: a spreadsheet's byte-order mark)
+        header, *rows = list(csv.reader(f)) or [[]]
+    column = {name.strip(): k for k, name in enumerate(header)}
+    require("path" in column, f"{table} has no path column (its header: {', '.join(header) or 'none'})")
+    rows = [(line, row) for line, row in enumerate(rows, 2) if any(cell.strip() for cell in row)]
+    require(rows, f"{table} lists no images")
+
+    def cell(row, name):
+        return row[column[name]].strip()
+
+    for line, row in rows:
+        require(len(row) == len(header), f"{table}, row {line}: {len(row)} cells, but the header names {len(header)}")
+        path = os.path.join(root, cell(row, "path"))
+        require(os.path.isfile(path), f"{table}, row {line}: {path} does not exist")
+        if "split" in column and cell(row, "split").lower() not in ("train", "test"):
+            raise DataError(f"{table}, row {line}: split is {cell(row, 'split')!r}, neither train nor test")
+    if "labels" in column:
+        sets = [{name.strip() for name in cell(row, "labels").split(";")} - {""} for _, row in rows]
+        names = sorted(set().union(*sets))
+        targets = torch.tensor([[float(name in labels) for name in names] for labels in sets])
+    else:
+        names = [name for name in column if name not in ("path", "split")]
+        require(names, f"{table} has neither a labels column nor label columns next to path")
+        for (line, row), name in itertools.product(rows, names):
+            require(cell(row, name) in ("0", "1"), f"{table}, row {line}: {name} is {cell(row, name)!r}, not 0 or 1")
+        targets = torch.tensor([[float(cell(row, name)) for name in names] for _, row in rows])
+    if "split" in column:
+        keep, how = [k for k, (_, row) in enumerate(rows) if cell(row, "split").lower() == split], "its split column"
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+        cut = round(0.2 * len(rows))  # as split_indices rounds each class's share
+        keep, how = sorted(order[:cut] if split == "test" else order[cut:]), "no split column: a fixed 80/20 draw"
+    require(keep, f"{table}: no {split} images ({how})")
+    info = DatasetInfo("csv", "image", ["labels"], [len(names)], True, [names], channels=3, image_size=image_size,
+                       mean=IMAGE_MEAN, std=IMAGE_STD, augment="crop",
+                       extra={"summary": f"{len(keep)} {split} images from {table} ({how}), {len(names)} labels"})
+    files = [cell(rows[k][1], "path") for k in keep]
+    return ResidentDataset(read_images(root, files, image_size, "csv"), targets[keep], info)
 
 
 # The entry point: load, with its class-stratified splits and subsets --------------------------------------
@@ -894,10 +954,13 @@ LOADERS = {
     "rcv1": lambda root, split, download, seed, test_size=20_000: rcv1_split(root, split, download, test_size),
     "skdocs": lambda root, split, download, seed: skdocs_split(split, multilabel=False),
     "skdocs-multilabel": lambda root, split, download, seed: skdocs_split(split, multilabel=True),
+    "folder": lambda root, split, download, seed, image_size=None: folder_split(root, split, image_size or 32),
+    "csv": lambda root, split, download, seed, image_size=None: csv_split(root, split, image_size or 32),
 }
 DATASETS = tuple(LOADERS)
 # The method files' defaults per dataset (--arch, --batch-size, --lr, --epochs, --warmup-epochs): the SupCon
-# reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned.
+# reference recipe for CIFAR-100; only the hdigits, shapes and skdocs ones were tuned. folder and csv: the small
+# CNN with hdigits' batch and rate, for 100 epochs (a few thousand images of your own, on one GPU or a CPU).
 PRESETS = {
     "hdigits": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
     "hdigits-multilabel": dict(arch="cnn", batch_size=128, lr=0.2, epochs=25, warmup_epochs=1),
@@ -910,6 +973,8 @@ PRESETS = {
     "20newsgroups": dict(arch="fasttext", batch_size=256, lr=0.1, epochs=30, warmup_epochs=2),
     "wos": dict(arch="fasttext", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
     "rcv1": dict(arch="tfidf-linear", batch_size=512, lr=0.1, epochs=30, warmup_epochs=2),
+    "folder": dict(arch="cnn", batch_size=128, lr=0.2, epochs=100, warmup_epochs=5),
+    "csv": dict(arch="cnn", batch_size=128, lr=0.2, epochs=100, warmup_epochs=5),
 }
 
 
@@ -919,8 +984,8 @@ def load(name, root="./data", split="train", download=False, fraction=1.0, seed=
     `download` fetches a missing dataset with a checksummed source into `root` (off here; the scripts turn it
     on). `fraction` keeps round(fraction * N) training samples, class-stratified, drawn from `seed` (the same
     subset for every method). `options` are the loader's (LOADERS; None takes the default), e.g. `size`
-    (hdigits, shapes), `image_size` (hmnist), `points` and `groups` (modelnet40), `test_size` (rcv1),
-    `release` (wos); one the dataset does not take is a DataError.
+    (hdigits, shapes), `image_size` (hmnist, folder, csv), `points` and `groups` (modelnet40), `test_size`
+    (rcv1), `release` (wos); one the dataset does not take is a DataError.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -986,11 +1051,12 @@ def batches(dataset, batch_size, generator, device, rank=0, world_size=1, worker
     order = torch.randperm(len(dataset), generator=generator)
     per_rank, batch_size, steps = rank_shape(len(dataset), batch_size, world_size)
     shard = order[rank * per_rank : rank * per_rank + steps * batch_size]
-    if isinstance(dataset, ResidentDataset):
+    if type(dataset) is ResidentDataset:  # (not TfidfDataset: sparse rows are densified batch by batch)
         shard = shard.to(dataset.inputs.device)  # one transfer per epoch; batches are sliced on the device
         for step in range(steps):
             index = shard[step * batch_size : (step + 1) * batch_size]
-            yield dataset.inputs[index].to(device, non_blocking=True), dataset.targets[index].to(device, non_blocking=True)
+            yield (dataset.inputs[index].to(device, non_blocking=True),
+                   dataset.targets[index].to(device, non_blocking=True))
     else:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=shard.tolist(), num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
@@ -1003,10 +1069,6 @@ def rank_shape(num_samples, batch_size, world_size):
     per_rank = num_samples // world_size
     rank_batch = max(1, min(batch_size // world_size, per_rank))
     return per_rank, rank_batch, per_rank // rank_batch
-
-
-def steps_per_epoch(dataset, batch_size, world_size=1):
-    return rank_shape(len(dataset), batch_size, world_size)[2]
 
 
 def device_problem(name):
@@ -1026,7 +1088,7 @@ def device_problem(name):
 def to_device(dataset, device, max_bytes=8 << 30):
     """The training data on the training device when it fits, so that no batch crosses the bus and no DataLoader
     sits in the hot path; lazy hmnist (or a subset) is composed once, in chunks. Else the data as it is."""
-    if isinstance(dataset, ResidentDataset) and dataset.inputs.nbytes <= max_bytes:
+    if type(dataset) is ResidentDataset and dataset.inputs.nbytes <= max_bytes:
         return ResidentDataset(dataset.inputs.to(device), dataset.targets.to(device), dataset.info)
     if isinstance(dataset, HierarchicalMNIST) and len(dataset) * dataset.image_size ** 2 <= max_bytes:
         chunks = tqdm(dataset.indices.split(4096), desc=f"composing {len(dataset)} hmnist images", leave=False)
@@ -1047,8 +1109,8 @@ def normalize(x, info):
 
 def standardize(x, info):
     """[0, 1] float images [B, C, H, W] -> standardised with the dataset's channel statistics."""
-    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(values, device=x.device).view(1, -1, 1, 1) for values in (info.mean, info.std))
+    return (x - mean) / std
 
 
 def ngram_ids(words, buckets=TEXT_BUCKETS):
@@ -1163,7 +1225,8 @@ def augment(x, info, generator, colour=True):
     """One augmented, normalised view of a batch, every sample with its own parameters. colour=False leaves out
     colour jitter and grayscale: the views SupContrast's main_linear.py trains its linear probe on."""
     if info.modality == "points":
-        return augment_points(x.float(), generator, scale=(1.0, 1.0) if info.augment == "points-isotropic" else (2 / 3, 3 / 2))
+        isotropic = info.augment == "points-isotropic"
+        return augment_points(x.float(), generator, scale=(1.0, 1.0) if isotropic else (2 / 3, 3 / 2))
     if info.modality == "text" and info.extra["input"] == "tfidf":  # entry dropout, rows L2-renormalised
         return F.normalize(x.float() * (torch.rand(x.shape, generator=generator, device=x.device) >= 0.1), dim=1)
     if info.modality == "text":

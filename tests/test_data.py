@@ -902,11 +902,11 @@ def epoch_ids(dataset, batch_size, seed, rank=0, world_size=1):
 
 @pytest.mark.parametrize("make", [resident_ids, LazyIds], ids=["resident", "lazy"])
 def test_batches_one_epoch(make):
-    """Equal-size batches, each sample at most once per epoch, as many steps as steps_per_epoch says,
+    """Equal-size batches, each sample at most once per epoch, as many steps as rank_shape says,
     seeded order (same seed = same order, another seed = another order)."""
     dataset = make(50)
     batches = epoch_ids(dataset, 8, seed=0)
-    assert len(batches) == data.steps_per_epoch(dataset, 8) == 6
+    assert len(batches) == data.rank_shape(len(dataset), 8, 1)[2] == 6
     assert all(len(b) == 8 for b in batches)
     flat = [i for b in batches for i in b]
     assert len(set(flat)) == len(flat) and set(flat) <= set(range(50))
@@ -921,7 +921,7 @@ def test_batches_shards_are_disjoint(make):
     equal batches from disjoint shards."""
     dataset = make(50)
     shards = [epoch_ids(dataset, 8, seed=4, rank=rank, world_size=2) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == data.steps_per_epoch(dataset, 8, world_size=2) == 6
+    assert len(shards[0]) == len(shards[1]) == data.rank_shape(len(dataset), 8, 2)[2] == 6
     assert all(len(b) == 4 for shard in shards for b in shard)
     ids = [set(i for b in shard for i in b) for shard in shards]
     assert len(ids[0]) == len(ids[1]) == 24
