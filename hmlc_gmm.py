@@ -629,6 +629,15 @@ def resolve_precision(precision, device):
     return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
+def any_rank(flag, world_size, device):
+    """True on every rank when `flag` is true on one (a collective, and a host sync, only under torchrun)."""
+    if world_size == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     """Forward, loss and backward of one step (gradients scaled by `scaler`); returns the loss.
 
@@ -798,6 +807,8 @@ def train(args):
         print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): {args.arch}, "
               f"{args.epochs} epochs x {steps} steps of {args.batch_size}{f' in {chunks} chunks' * (chunks > 1)}, "
               f"{precision}, device {device}, world {world_size} -> {args.out}")
+        if "summary" in info.extra:  # what a loader of your own data found (data.py: folder, csv)
+            print(info.extra["summary"])
     progress = tqdm(total=total_steps, initial=epoch * steps + skip, disable=rank != 0, desc=METHOD, dynamic_ncols=True)
     stop = []  # Ctrl-C and SIGTERM (preemption, time limits) end the run at the next step boundary
 
@@ -833,10 +844,7 @@ def train(args):
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
-                stopping = torch.tensor(float(bool(stop)), device=device)
-                if world_size > 1:  # every rank stops at the same step
-                    dist.all_reduce(stopping)
-                if stopping:
+                if any_rank(stop, world_size, device):  # every rank stops at the same step
                     check_finite(losses, epoch, steps, checkpoint_path)
                     checkpoint(epoch, step + 1)
                     raise SystemExit(f"\n{stop[0] if stop else 'another rank was signalled'}: stopped after step "
