@@ -69,11 +69,9 @@ import datetime
 import json
 import math
 import os
-import random
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -506,7 +504,8 @@ def projection_head(feature_dim, out_dim=128):
 
 class GatherAcrossRanks(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient for the local rows: every rank takes
-    the same loss on the global batch, so its rows get world_size times their gradient; DDP averages it back."""
+    the same loss on the global batch, so its rows get world_size times their gradient; DDP averages it back.
+    (torch.distributed.nn.all_gather, deprecated, returned twice that under gloo with torch 2.14.)"""
 
     @staticmethod
     def forward(ctx, tensor):
@@ -532,8 +531,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--dataset", default="hdigits", choices=data.DATASETS, help="dataset (data.py)")
     add("--data-dir", default="./data", help="where datasets are read from / downloaded to")
-    add("--download", action=argparse.BooleanOptionalAction, default=True,
-        help="fetch a missing dataset with a checksummed source; --no-download forbids it")
+    add("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch a missing dataset (checksummed)")
     add("--wos-release", choices=data.WOS_RELEASES, default=None, help="the release --dataset wos reads (46985)")
     add("--arch", choices=ARCHS, help="encoder; default from the dataset preset (data.PRESETS)")
     add("--epochs", type=int, help="training epochs; default from the preset")
@@ -541,7 +539,7 @@ def parse_args(argv=None):
     add("--lr", type=float, help="peak SGD learning rate; default from the preset")
     add("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     add("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay; default from the preset")
-    add("--seed", type=int, default=0, help="seeds python, numpy and torch")
+    add("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
     add("--device", default=None, help="cuda if available, else cpu")
     add("--fraction", type=float, default=1.0, help="class-stratified fraction of the training set")
     add("--image-size", type=int, default=None, help="image side of hmnist (its canvas) and of --dataset folder/csv")
@@ -553,7 +551,7 @@ def parse_args(argv=None):
     add("--chunks", default="auto", help="compute each step in this many chunks of samples (gradient caching, the "
         "gradient of that many DDP ranks); auto: 1 on a CPU, on a GPU the fewest that fit")
     add("--out", default=None, help="run folder; default runs/<dataset>-<method>-<seed>-<time>")
-    add("--resume", default=None, help="checkpoint to continue from, with the same options (run folder: its own)")
+    add("--resume", default=None, help="checkpoint to continue from, with the same options, in its own folder")
     add("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
     add("--no-eval", action="store_true", help="skip the linear evaluation at the end")
     add("--eval-every", type=int, default=0, help="every N steps, a kNN probe of a held-out part of the training "
@@ -577,12 +575,6 @@ def parse_args(argv=None):
         p.error("--out and --resume must name a path" if "" in (args.out, args.resume) else data.device_problem(args.device))
     check_method_arguments(p, args)
     return args
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def learning_rate(step, total_steps, warmup_steps, peak):
@@ -629,15 +621,6 @@ def resolve_precision(precision, device):
     return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def any_rank(flag, world_size, device):
-    """True on every rank when `flag` is true on one (a collective, and a host sync, only under torchrun)."""
-    if world_size == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     """Forward, loss and backward of one step (gradients scaled by `scaler`); returns the loss.
 
@@ -674,27 +657,27 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     return loss
 
 
-def fewest_chunks(model, views, targets, autocast, device):
-    """--chunks auto on a GPU: (chunks, fits, peak bytes) for the fewest chunks, 1, 2, 4, ..., in which one
-    chunk's forward and backward fit, tried on a real batch; buffers and gradients are left as they were."""
-    step_buffers, chunks = [buffer.clone() for buffer in model.buffers()], 1
+def fewest_chunks(model, views, targets, autocast):
+    """--chunks auto on a GPU: the fewest of 1, 2, 4, ..., B chunks in which one chunk's forward and backward fit,
+    tried on a real batch without the loss (so without a collective); 0 if one sample does not fit."""
+    step_buffers, chunks, size = [buffer.clone() for buffer in model.buffers()], 1, views.shape[1]
     while True:
-        size, fits = -(-views.shape[1] // chunks), True
-        torch.cuda.reset_peak_memory_stats(device)
         try:
             with autocast:
                 outputs = method_forward(model, views[:, :size], targets[:size])
             sum(output.float().sum() for output in outputs if output is not None).backward()
+            return chunks
         except torch.OutOfMemoryError:
-            fits = False
-        outputs = None
-        model.zero_grad(set_to_none=True)
-        for buffer, value in zip(model.buffers(), step_buffers):
-            buffer.copy_(value)
-        torch.cuda.empty_cache()
-        if fits or size == 1:
-            return chunks, fits, torch.cuda.max_memory_allocated(device)
-        chunks *= 2
+            if size == 1:
+                return 0
+        finally:
+            outputs = None
+            model.zero_grad(set_to_none=True)
+            for buffer, value in zip(model.buffers(), step_buffers):
+                buffer.copy_(value)
+            torch.cuda.empty_cache()
+        chunks = min(2 * chunks, views.shape[1])
+        size = -(-views.shape[1] // chunks)
 
 
 def train(args):
@@ -706,7 +689,7 @@ def train(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # the weights; the data order and the views have seeded generators of their own
     default_out = os.path.join("runs", f"{args.dataset}-{METHOD}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     shared = [args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out)]
     if world_size > 1:  # every rank writes into rank 0's run folder
@@ -762,25 +745,20 @@ def train(args):
             if resumed.get(part):  # (a checkpoint of an fp32 run holds an empty scaler)
                 target.load_state_dict(resumed[part])
         epoch, skip, losses = resumed["epoch"], resumed["step"], [loss.to(device) for loss in resumed["losses"]]
-        random.setstate(resumed["rng"]["python"])
-        np.random.set_state(resumed["rng"]["numpy"])
-        torch.set_rng_state(resumed["rng"]["torch"])
+        if rank == 0 and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
+            os.truncate(metrics_path, min(resumed["metrics_bytes"], os.path.getsize(metrics_path)))
 
     chunks = 1 if args.chunks == "auto" else int(args.chunks)
-    if args.chunks == "auto" and device.type == "cuda":  # try a real batch whole, then in 2, 4, ... chunks
+    if args.chunks == "auto" and device.type == "cuda":  # every rank tries a real batch; the most chunks win
         x, y = next(data.batches(resident, args.batch_size, torch.Generator(), device, rank, world_size, args.workers))
-        chunks, fits, peak = fewest_chunks(core, data.two_views(x, info, torch.Generator(device)), y, autocast, device)
-        agreed = torch.tensor([chunks, 1 - fits], device=device)
+        fitted = torch.tensor([fewest_chunks(core, data.two_views(x, info, torch.Generator(device)), y, autocast) or
+                               2 * rank_batch], device=device)  # 2 * rank_batch: not even one sample fits
         if world_size > 1:
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        if agreed[1]:
-            raise SystemExit(f"out of memory: not even one sample a step fits on {device}; try a smaller --arch")
-        chunks, total = int(agreed[0]), torch.cuda.get_device_properties(device).total_memory
-        if rank == 0:  # (the fewest chunks of 1, 2, 4, ... whose forward and backward fit)
-            print(f"memory: --chunks {chunks} of {rank_batch} samples a step, peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB")
+            dist.all_reduce(fitted, op=dist.ReduceOp.MAX)
+        chunks = int(fitted)
     if chunks > rank_batch or (chunks > 1 and args.sync_bn):
-        raise SystemExit(f"--chunks {chunks} cannot work here: more than the {rank_batch} samples of a step on each rank, "
-                         "or with --sync-bn (statistics synced across ranks but not across chunks)")
+        raise SystemExit(f"--chunks {chunks} cannot work here: more than the {rank_batch} samples of a step on each "
+                         "rank (auto: one sample does not fit), or with --sync-bn (statistics not synced across chunks)")
 
     def checkpoint(epoch, step=0):
         if rank == 0:
@@ -788,7 +766,7 @@ def train(args):
                 "method": METHOD, "method_file": os.path.basename(__file__), "config": vars(args), "epoch": epoch,
                 "step": step, "losses": [loss.cpu() for loss in losses[:step]], "model": core.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}})
+                "metrics_bytes": os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0})
 
     def log(record):
         if rank == 0:
@@ -796,12 +774,6 @@ def train(args):
                 f.write(json.dumps(record) + "\n")
 
     if rank == 0:
-        if resumed and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
-            with open(metrics_path) as f:
-                records = [json.loads(line) for line in f]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records
-                             if (r["step"] <= epoch * steps + skip if "step" in r else r["epoch"] <= epoch))
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
         print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): {args.arch}, "
@@ -872,9 +844,18 @@ def train(args):
     test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
     results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction, "train_samples": len(train_set),
                **linear_eval.evaluate(core.encoder, train_set, test_set, device,
-                                   classifier=getattr(core, "classifier", None))}
+                                      classifier=getattr(core, "classifier", None))}
     linear_eval.report(results, args.out)
     return results
+
+
+def any_rank(flag, world_size, device):
+    """True on every rank when `flag` is true on one (a collective, and a host sync, only under torchrun)."""
+    if world_size == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 def check_finite(losses, epoch, steps, checkpoint_path):

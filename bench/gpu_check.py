@@ -393,7 +393,7 @@ def memory_section(config):
                                                         "--arch", arch, "--epochs", "1", "--device", config.device,
                                                         "--no-eval", "--out", out]))
                     trained, message = True, " ".join(line for line in printed.getvalue().splitlines()
-                                                      if line.startswith("memory:"))
+                                                      if line.startswith("supcon on"))  # the start line names the chunks
                 except SystemExit as stop:
                     trained, message = False, str(stop)
                 sample = throughput.synthetic_cifar(batch)
@@ -402,7 +402,8 @@ def memory_section(config):
                 views = data.two_views(sample.inputs.to(device), sample.info, torch.Generator(device).manual_seed(0))
                 precision = supcon.resolve_precision("auto", device)
                 autocast = torch.autocast("cuda", dtype=supcon.DTYPES[precision], enabled=precision != "fp32")
-                chunks, fits, _ = supcon.fewest_chunks(model, views, sample.targets.to(device), autocast, device)
+                chunks = supcon.fewest_chunks(model, views, sample.targets.to(device), autocast)
+                fits = chunks > 0
                 del model, views
                 torch.cuda.empty_cache()
                 capped, capped_peak, loss = timed_training_steps("supcon", arch, batch, device, chunks, "auto", steps)

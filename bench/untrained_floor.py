@@ -34,7 +34,7 @@ def main():
     scores = {}
     for seed in args.seeds:
         config = module.parse_args(["--dataset", args.dataset, "--data-dir", args.data_dir, "--seed", str(seed)])
-        module.seed_everything(seed)
+        torch.manual_seed(seed)
         train_set = data.load(args.dataset, args.data_dir, "train", seed=seed)
         test_set = data.load(args.dataset, args.data_dir, "test", seed=seed)
         encoder = module.build_model(config, train_set.info).encoder.to(device)

@@ -129,6 +129,28 @@ def test_impossible_chunk_settings_are_one_line(tmp_path):
         supcon.train(supcon.parse_args([*TINY, "--chunks", "2", "--sync-bn", "--out", str(tmp_path / "b")]))
 
 
+@pytest.mark.parametrize("fits_up_to, expected", [(10, 1), (5, 2), (4, 4), (2, 8), (1, 10), (0, 0)])
+def test_fewest_chunks_finds_the_first_size_that_fits(fits_up_to, expected, monkeypatch):
+    """--chunks auto: out of memory above `fits_up_to` samples (simulated on the CPU) gives the fewest of
+    1, 2, 4, 8, 10 chunks of a 10-sample batch that fit, 0 when one sample does not; the BatchNorm buffers
+    and the gradients are left as they were."""
+    module, args, info, model, views, targets = float64_setup("supcon", [])
+    real_forward, sizes = module.method_forward, []
+
+    def forward(model, views, targets):
+        sizes.append(views.shape[1])
+        if views.shape[1] > fits_up_to:
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(model, views, targets)
+
+    monkeypatch.setattr(module, "method_forward", forward)
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    assert module.fewest_chunks(model, views, targets, torch.autocast("cpu", enabled=False)) == expected
+    assert sizes == [10, 5, 3, 2, 1][: len(sizes)] and (expected == 0 or sizes[-1] <= fits_up_to)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
 def test_precision_follows_the_device():
     cpu = torch.device("cpu")
     assert supcon.resolve_precision("auto", cpu) == "fp32"
