@@ -539,8 +539,9 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
 def fewest_chunks(model, views, targets, autocast):
     """--chunks auto on a GPU: the fewest of 1, 2, 4, ..., B chunks in which one chunk's forward and backward fit,
     tried on a real batch without the loss (so without a collective); 0 if one sample does not fit."""
-    step_buffers, chunks, size = [buffer.clone() for buffer in model.buffers()], 1, views.shape[1]
+    step_buffers, chunks = [buffer.clone() for buffer in model.buffers()], 1
     while True:
+        size = -(-views.shape[1] // chunks)
         try:
             with autocast:
                 outputs = method_forward(model, views[:, :size], targets[:size])
@@ -556,7 +557,6 @@ def fewest_chunks(model, views, targets, autocast):
                 buffer.copy_(value)
             torch.cuda.empty_cache()
         chunks = min(2 * chunks, views.shape[1])
-        size = -(-views.shape[1] // chunks)
 
 
 def train(args):
@@ -625,7 +625,8 @@ def train(args):
                 target.load_state_dict(resumed[part])
         epoch, skip, losses = resumed["epoch"], resumed["step"], [loss.to(device) for loss in resumed["losses"]]
         if rank == 0 and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
-            os.truncate(metrics_path, min(resumed["metrics_bytes"], os.path.getsize(metrics_path)))
+            logged = os.path.getsize(metrics_path)  # (a checkpoint from before metrics_bytes: the file as it is)
+            os.truncate(metrics_path, min(resumed.get("metrics_bytes", logged), logged))
 
     chunks = 1 if args.chunks == "auto" else int(args.chunks)
     if args.chunks == "auto" and device.type == "cuda":  # every rank tries a real batch; the most chunks win
