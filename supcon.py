@@ -215,10 +215,8 @@ class FastText(nn.Module):
 
     def __init__(self, buckets, feature_dim=128):
         super().__init__()
-        self.embedding = nn.EmbeddingBag(buckets + 1, feature_dim, mode="mean", padding_idx=0)
+        self.embedding = nn.EmbeddingBag(buckets + 1, feature_dim, mode="mean")  # row 0 (padding) is never read
         nn.init.uniform_(self.embedding.weight, -1 / feature_dim, 1 / feature_dim)  # small, as in fastText
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
         self.norm = nn.LayerNorm(feature_dim)
 
     def forward(self, ids):
