@@ -65,6 +65,7 @@ does, what we do, and the flag; tests/test_hmlc.py pins each row.
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -85,9 +86,7 @@ import linear_eval
 METHOD = "hmlc_gmm"
 
 
-# --------------------------------------------------------------------------------------------------
-# The loss
-# --------------------------------------------------------------------------------------------------
+# The loss ---------------------------------------------------------------------------------------------
 
 
 @torch.autocast("cuda", enabled=False)  # the loss stays in float32 inside a bf16 training step
@@ -184,9 +183,7 @@ def reference_loop_loss(features, labels, temperature=0.1, loss_type="hmce", lev
                                              deduplicate=True, base_temperature=0.07, check_finite=False)
 
 
-# --------------------------------------------------------------------------------------------------
-# The method: model, positives and one training step's loss
-# --------------------------------------------------------------------------------------------------
+# The method: model, positives and one training step's loss --------------------------------------------
 
 
 @torch.no_grad()
@@ -422,9 +419,7 @@ def check_method_arguments(p, args):
         p.error(f"--dims-momentum must lie in [0, 1), got {args.dims_momentum}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Encoders, projection head, global-batch gather and the training loop (identical in every method file)
-# --------------------------------------------------------------------------------------------------
+# Encoders, projection head, global-batch gather and the training loop (identical in every method file) --
 
 
 def small_cnn(in_channels, width=16):
@@ -475,25 +470,24 @@ class FastText(nn.Module):
         return self.norm(self.embedding(ids[present], torch.cumsum(counts, 0) - counts))
 
 
-ARCHS = {"cnn": "image", "resnet18": "image", "resnet50": "image", "pointnet": "points", "fasttext": "words",
-         "tfidf-linear": "tfidf"}  # the input each encoder reads
+# --arch: the input each encoder reads, and its builder from the dataset's info: (module, feature_dim).
+ENCODERS = {"cnn": ("image", lambda info: small_cnn(info.channels)),
+            "resnet18": ("image", lambda info: cifar_resnet("resnet18", info.channels)),
+            "resnet50": ("image", lambda info: cifar_resnet("resnet50", info.channels)),
+            "pointnet": ("points", lambda info: (PointNet(), 256)),
+            "fasttext": ("words", lambda info: (FastText(info.extra["buckets"]), 128)),
+            "tfidf-linear": ("tfidf", lambda info: (nn.Sequential(nn.Linear(info.extra["input_dim"], 128),
+                                                                  nn.LayerNorm(128)), 128))}
 
 
 def build_encoder(arch, info):
     """Encoder f for a dataset: (module mapping a batch to [B, feature_dim], feature_dim)."""
+    reads, build = ENCODERS[arch]
     given = info.extra.get("input", info.modality)
-    if ARCHS.get(arch) != given:
-        raise ValueError(f"--arch {arch} reads {ARCHS.get(arch, 'nothing we know')} input; {info.name} has {given} "
-                         f"input, which {', '.join(name for name, kind in ARCHS.items() if kind == given)} read")
-    if arch == "cnn":
-        return small_cnn(info.channels)
-    if arch.startswith("resnet"):
-        return cifar_resnet(arch, info.channels)
-    if arch == "pointnet":
-        return PointNet(), 256
-    if arch == "fasttext":
-        return FastText(info.extra["buckets"]), 128
-    return nn.Sequential(nn.Linear(info.extra["input_dim"], 128), nn.LayerNorm(128)), 128
+    if reads != given:
+        raise ValueError(f"--arch {arch} reads {reads} input; {info.name} has {given} input, which "
+                         f"{', '.join(name for name, (kind, _) in ENCODERS.items() if kind == given)} read")
+    return build(info)
 
 
 def projection_head(feature_dim, out_dim=128):
@@ -531,7 +525,7 @@ def parse_args(argv=None):
     add("--data-dir", default="./data", help="where datasets are read from / downloaded to")
     add("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch a missing dataset (checksummed)")
     add("--wos-release", choices=data.WOS_RELEASES, default=None, help="the release --dataset wos reads (46985)")
-    add("--arch", choices=ARCHS, help="encoder; default from the dataset preset (data.PRESETS)")
+    add("--arch", choices=ENCODERS, help="encoder; default from the dataset preset (data.PRESETS)")
     add("--epochs", type=int, help="training epochs; default from the preset")
     add("--batch-size", type=int, help="global batch size (samples, two views each); default from the preset")
     add("--lr", type=float, help="peak SGD learning rate; default from the preset")
@@ -575,19 +569,6 @@ def parse_args(argv=None):
     return args
 
 
-def learning_rate(step, total_steps, warmup_steps, peak):
-    """Linear warm-up to the peak, then cosine decay to peak/1000."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 1e-3 + peak * (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# What a resumed run may change: where it runs, reads and writes, not what it computes.
-RESUMABLE = ("data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
-             "save_every", "no_eval")
-
-
 def read_checkpoint(path, args):
     """The checkpoint at `path`, or one line saying why it cannot continue this run."""
     try:
@@ -596,8 +577,10 @@ def read_checkpoint(path, args):
         raise SystemExit(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(state, dict) or state.get("method") != METHOD or not isinstance(state.get("config"), dict):
         raise SystemExit(f"{path} is not a {METHOD} checkpoint")
+    resumable = {"data_dir", "download", "device", "workers", "compile", "precision", "chunks", "out", "resume",
+                 "save_every", "no_eval"}  # where a run runs, reads and writes, not what it computes
     for key, value in state["config"].items():
-        if key not in RESUMABLE and getattr(args, key, None) != value:
+        if key not in resumable and getattr(args, key, None) != value:
             raise SystemExit(f"{path} was trained with --{key.replace('_', '-')} {value!r}, this run has "
                              f"{getattr(args, key, None)!r}; --resume continues a run (give another --out to start one)")
     return state
@@ -609,14 +592,14 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_precision(precision, device):
-    """auto: bf16 on GPUs with bf16 units (Ampere and newer), fp16 with a loss scaler before them, fp32 on a CPU."""
-    if precision != "auto":
-        return precision
-    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+def mixed_precision(precision, device):
+    """(precision, autocast, loss scaler) for --precision: auto is bf16 on GPUs with bf16 units (Ampere and newer),
+    fp16 before them (its gradients need the loss scale), fp32 on a CPU."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return (precision, torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"),
+            torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
 
 
 def training_step(model, views, targets, args, info, chunks, autocast, scaler):
@@ -632,14 +615,14 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
             loss = method_loss(method_forward(model, views, targets), targets, args, info)
         scaler.scale(loss).backward()
         return loss
-    sizes = [len(part) for part in torch.arange(views.shape[1]).tensor_split(chunks)]
+    view_chunks, target_chunks = views.tensor_split(chunks, dim=1), targets.tensor_split(chunks)
     step_buffers = [buffer.clone() for buffer in model.buffers()]
 
     def embed(index):
         for buffer, value in zip(model.buffers(), step_buffers):
             buffer.copy_(value)
         with autocast:
-            return method_forward(model, views.split(sizes, 1)[index], targets.split(sizes)[index])
+            return method_forward(model, view_chunks[index], target_chunks[index])
 
     with torch.no_grad():
         parts = [embed(index) for index in range(chunks)]
@@ -649,7 +632,7 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
     scaler.scale(loss).backward()
     for index in reversed(range(chunks)):  # chunk 0 last: its buffers stay, and DDP reduces the gradients then
         with model.no_sync() if index > 0 and hasattr(model, "no_sync") else contextlib.nullcontext():
-            pairs = [(output, cache.grad.split(sizes)[index]) for output, cache in zip(embed(index), cached)
+            pairs = [(output, cache.grad.tensor_split(chunks)[index]) for output, cache in zip(embed(index), cached)
                      if cache is not None and cache.grad is not None]
             torch.autograd.backward(*zip(*pairs))
     return loss
@@ -657,24 +640,21 @@ def training_step(model, views, targets, args, info, chunks, autocast, scaler):
 
 def fewest_chunks(model, views, targets, autocast):
     """--chunks auto on a GPU: the fewest of 1, 2, 4, ..., B chunks in which one chunk's forward and backward fit,
-    tried on a real batch without the loss (so without a collective); 0 if one sample does not fit."""
-    step_buffers, chunks = [buffer.clone() for buffer in model.buffers()], 1
+    tried on a copy of the model (its buffers and gradients stay) without the loss, so without a collective;
+    0 if one sample does not fit."""
+    probe, chunks = copy.deepcopy(model), 1
     while True:
         size = -(-views.shape[1] // chunks)
         try:
             with autocast:
-                outputs = method_forward(model, views[:, :size], targets[:size])
+                outputs = method_forward(probe, views[:, :size], targets[:size])
             sum(output.float().sum() for output in outputs if output is not None).backward()
             return chunks
         except torch.OutOfMemoryError:
+            outputs = None
+            torch.cuda.empty_cache()
             if size == 1:
                 return 0
-        finally:
-            outputs = None
-            model.zero_grad(set_to_none=True)
-            for buffer, value in zip(model.buffers(), step_buffers):
-                buffer.copy_(value)
-            torch.cuda.empty_cache()
         chunks = min(2 * chunks, views.shape[1])
 
 
@@ -682,8 +662,8 @@ def train(args):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world_size > 1:  # torchrun: one process per device, nccl on CUDA, gloo on CPU
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
         if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
@@ -702,28 +682,23 @@ def train(args):
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
-    # Rank 0 downloads a missing dataset first; the others wait in a gloo group of their own, whose deadline
-    # no download reaches (nccl's watchdog would end them after 10 minutes).
+    # Rank 0 downloads a missing dataset while the others wait in a gloo group whose deadline no download reaches.
     download_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world_size > 1 else None
     if rank > 0:
         dist.barrier(group=download_wait)
     train_set = data.load_or_exit(args.dataset, args.data_dir, "train", **options)
     if rank == 0 and world_size > 1:
         dist.barrier(group=download_wait)
-    if rank == 0:  # once the data is there, before anything trains: a folder that cannot be made is one line
-        os.makedirs(args.out, exist_ok=True)
     try:
         if args.eval_every:  # the convergence probe never looks at the test set
             train_set, probe_set = linear_eval.hold_out(train_set, args.probe_share, args.seed)
         if args.batch_size > len(train_set):
             raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training samples")
-        model = build_model(args, train_set.info).to(device)
+        # channels_last: NHWC convolutions, faster on GPUs and CPUs alike (it leaves other weights as they are)
+        model = build_model(args, train_set.info).to(device, memory_format=torch.channels_last)
     except ValueError as error:  # options that do not fit this data (--arch, --probe-share, --batch-size)
         raise SystemExit(f"error: {error}") from None
     info, resident = train_set.info, data.to_device(train_set, device)
-
-    if info.modality == "image":  # NHWC convolutions: faster on GPUs and on CPUs alike
-        model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -731,12 +706,15 @@ def train(args):
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     _, rank_batch, steps = data.rank_shape(len(train_set), args.batch_size, world_size)
-    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(step, total_steps, warmup_steps, args.lr) / args.lr)
-    precision = resolve_precision(args.precision, device)
-    autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients need a loss scale
+    total_steps, warmup = args.epochs * steps, args.warmup_epochs * steps
+
+    def lr_factor(step):  # linear warm-up to the peak, then cosine decay to a thousandth of it
+        if step < warmup:
+            return (step + 1) / warmup
+        return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    precision, autocast, scaler = mixed_precision(args.precision, device)
     epoch, skip, losses = 0, 0, []  # skip > 0: the steps a stopped run took of the epoch it stopped in
     if resumed:
         for part, target in (("model", core), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -744,8 +722,7 @@ def train(args):
                 target.load_state_dict(resumed[part])
         epoch, skip, losses = resumed["epoch"], resumed["step"], [loss.to(device) for loss in resumed["losses"]]
         if rank == 0 and os.path.exists(metrics_path):  # a run killed past its last checkpoint logged steps it retakes
-            logged = os.path.getsize(metrics_path)  # (a checkpoint from before metrics_bytes: the file as it is)
-            os.truncate(metrics_path, min(resumed.get("metrics_bytes", logged), logged))
+            os.truncate(metrics_path, min(resumed.get("metrics_bytes", math.inf), os.path.getsize(metrics_path)))
 
     chunks = 1 if args.chunks == "auto" else int(args.chunks)
     if args.chunks == "auto" and device.type == "cuda":  # every rank tries a real batch; the most chunks win
@@ -772,7 +749,8 @@ def train(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    if rank == 0:
+    if rank == 0:  # a folder that cannot be made ends here, before anything trains, in one line (OSError)
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "train_samples": len(train_set)}, f, indent=2)
         print(f"{METHOD} on {args.dataset} ({len(train_set)} train samples, --fraction {args.fraction:g}): {args.arch}, "
@@ -790,7 +768,6 @@ def train(args):
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for epoch in range(epoch, args.epochs):
-            model.train()
             started = time.perf_counter()
             order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # data order: (seed, epoch) only
             for step, (x, y) in enumerate(data.batches(resident, args.batch_size, order, device, rank, world_size,
@@ -807,16 +784,23 @@ def train(args):
                 scheduler.step()
                 progress.update()
                 if args.eval_every and global_step % args.eval_every == 0 and rank == 0:
-                    name = "probe_knn_map" if info.multilabel else "probe_knn_top1"
-                    log({"epoch": epoch + 1, "step": global_step,
-                         name: linear_eval.knn_probe(core.encoder, train_set, probe_set, device)})
-                if (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
-                    check_finite(losses, epoch, steps, checkpoint_path)
+                    log({"epoch": epoch + 1, "step": global_step, f"probe_knn_{'map' if info.multilabel else 'top1'}":
+                         linear_eval.knn_probe(core.encoder, train_set, probe_set, device)})
+                stopping = bool(stop)
+                if world_size > 1:  # every rank stops at the same step (a collective, and a host sync, per step)
+                    signalled = torch.tensor([float(stopping)], device=device)
+                    dist.all_reduce(signalled)
+                    stopping = signalled.item() > 0
+                if stopping or (step + 1) % 10 == 0 or step + 1 == steps:  # one host sync per ten steps
+                    values = torch.stack(losses)
+                    bad = int(values.isfinite().int().argmin())  # the first non-finite loss, if there is one
+                    if not values[bad].isfinite():  # stop there; the last good checkpoint stays
+                        raise SystemExit(f"non-finite loss {values[bad].item()} at epoch {epoch + 1}, step {bad + 1}/"
+                                         f"{steps}; stopping (last good checkpoint, if any: {checkpoint_path})")
                     rate = (step + 1 - skip) * args.batch_size * 2 / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                                          views_per_s=f"{rate:.0f}")
-                if any_rank(stop, world_size, device):  # every rank stops at the same step
-                    check_finite(losses, epoch, steps, checkpoint_path)
+                if stopping:
                     checkpoint(epoch, step + 1)
                     raise SystemExit(f"\n{stop[0] if stop else 'another rank was signalled'}: stopped after step "
                                      f"{step + 1}/{steps} of epoch {epoch + 1}; saved {checkpoint_path} (the same "
@@ -841,29 +825,7 @@ def train(args):
     if rank > 0 or args.no_eval:
         return None
     test_set = data.load_or_exit(args.dataset, args.data_dir, "test", **{**options, "fraction": 1.0})
-    results = {"method": METHOD, "dataset": args.dataset, "fraction": args.fraction, "train_samples": len(train_set),
-               **linear_eval.evaluate(core.encoder, train_set, test_set, device,
-                                      classifier=getattr(core, "classifier", None))}
-    linear_eval.report(results, args.out)
-    return results
-
-
-def any_rank(flag, world_size, device):
-    """True on every rank when `flag` is true on one (a collective, and a host sync, only under torchrun)."""
-    if world_size == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
-def check_finite(losses, epoch, steps, checkpoint_path):
-    """Stop at the first non-finite loss of the epoch so far; the last good checkpoint is kept."""
-    values = torch.stack(losses)
-    bad = (~torch.isfinite(values)).nonzero()
-    if len(bad):
-        raise SystemExit(f"non-finite loss {values[int(bad[0])].item()} at epoch {epoch + 1}, step {int(bad[0]) + 1}/"
-                         f"{steps}; stopping (last good checkpoint, if any: {checkpoint_path})")
+    return linear_eval.evaluate_run(core, METHOD, args, train_set, test_set, device, args.out)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ Protocols
   (SGD, momentum 0.9, lr x0.2 at epochs 60, 75 and 90) with the views of the reference's main_linear.py:
   random crop and flip, no colour jitter or grayscale (composite canvases: their small shift and scale).
 
-Convergence: `hold_out` cuts a class-stratified part off the training set and `knn_probe` scores it by weighted
-kNN during training (the method files log it to metrics.jsonl; bench/curves.py draws it).
+Convergence (the method files' --eval-every): `knn_probe` of a class-stratified part kept out by `hold_out`.
 
 Run on checkpoints written by the method files (each gets results-<checkpoint>-<protocol>.json beside it):
     python linear_eval.py --checkpoint runs/hdigits-supcon-0-.../checkpoint.pt [runs/.../checkpoint.pt ...]
@@ -312,8 +311,7 @@ def hierarchical_consistency(coarse_predictions, fine_predictions, parents):
     """Share of the samples whose fine prediction's parent is their coarse prediction; `parents` maps each
     fine class to its parent (-1 for a class of unknown parent, which never agrees)."""
     if coarse_predictions.shape != fine_predictions.shape:
-        raise ValueError(f"{tuple(coarse_predictions.shape)} coarse but {tuple(fine_predictions.shape)} fine "
-                         "predictions")
+        raise ValueError(f"{tuple(coarse_predictions.shape)} coarse but {tuple(fine_predictions.shape)} fine predictions")
     return (parents[fine_predictions] == coarse_predictions).double().mean().item()
 
 
@@ -368,8 +366,7 @@ def evaluate(encoder, train_set, test_set, device, protocol="fast", val_fraction
     (a linear layer trained jointly with the encoder: mlcl.py's CE term) its test figures on the same features
     as "classifier"."""
     info = train_set.info
-    if info.modality == "image":  # as in training, so that a checkpoint re-evaluates to the same numbers
-        encoder = encoder.to(memory_format=torch.channels_last)
+    encoder = encoder.to(memory_format=torch.channels_last)  # as in training: a checkpoint re-evaluates the same
     train_features = extract_features(encoder, train_set, device)
     test_features = extract_features(encoder, test_set, device)
     train_raw, test_raw = raw_inputs(train_set), raw_inputs(test_set)
@@ -418,15 +415,11 @@ def report(results, out=None, filename="results.json"):
         record = results["classifier"]
         print(f"  classifier trained with the encoder, on {record['level']}: "
               + "  ".join(f"{key} {value:.4f}" for key, value in record.items() if key != "level"))
-    if "embedding" in results:
-        print(structure_block(results))
     if out:
         with open(os.path.join(out, filename), "w") as f:
             json.dump(results, f, indent=2)
-
-
-def structure_block(results):
-    """The lines of `report` on the embedding's structure and the probe's hierarchy."""
+    if "embedding" not in results:
+        return
     embedding = results["embedding"]
     lines = [f"  embedding (L2-normalised test features): total variance {embedding['total_variance']:.4f}  "
              f"participation ratio {embedding['participation_ratio']:.1f}"]
@@ -441,7 +434,7 @@ def structure_block(results):
         consistency = "".join(f"consistency {pair} {value:.4f}  " for pair, value in hierarchy["consistency"].items())
         lines.append(f"  linear probe: {consistency}mistake severity {hierarchy['mistake_severity']:.3f} "
                      f"over {hierarchy['mistakes']} wrong {fine} predictions")
-    return "\n".join(lines)
+    print("\n".join(lines))
 
 
 # Convergence: probes the training loop runs on a held-out part of the training set.
@@ -496,20 +489,25 @@ def load_split(config, data_dir, split):
     return data.load_or_exit(config.dataset, data_dir or config.data_dir, split, fraction=fraction, **options)
 
 
-def evaluate_checkpoint(path, device, protocol="fast", val_fraction=0.0, linear_epochs=100, data_dir=None):
+def evaluate_run(model, method, config, train_set, test_set, device, out, filename="results.json", **protocol):
+    """evaluate's record of a trained model (with its run's fields), reported and written to out/filename."""
+    results = {"method": method, "dataset": config.dataset, "fraction": config.fraction,
+               "train_samples": len(train_set), **evaluate(model.encoder, train_set, test_set, device, seed=config.seed,
+                                                           classifier=getattr(model, "classifier", None), **protocol)}
+    report(results, out, filename)
+    return results
+
+
+def evaluate_checkpoint(path, device, data_dir=None, protocol="fast", **options):
     """Evaluate one checkpoint's frozen encoder; prints the report and writes results-<checkpoint>-<protocol>.json
     beside it, so that the training run's own results.json stays as the run wrote it."""
     state, config, method = read_checkpoint(path)
     train_set, test_set = load_split(config, data_dir, "train"), load_split(config, data_dir, "test")
     model = method.build_model(config, train_set.info)
     model.load_state_dict(state["model"])
-    results = evaluate(model.encoder.to(device), train_set, test_set, device, protocol, val_fraction,
-                       config.seed, linear_epochs, classifier=getattr(model.to(device), "classifier", None))
-    results = {"method": state["method"], "dataset": config.dataset, "fraction": config.fraction,
-               "train_samples": len(train_set), **results}
-    stem = os.path.splitext(os.path.basename(path))[0]
-    report(results, os.path.dirname(os.path.abspath(path)), f"results-{stem}-{protocol}.json")
-    return results
+    filename = f"results-{os.path.splitext(os.path.basename(path))[0]}-{protocol}.json"
+    return evaluate_run(model.to(device), state["method"], config, train_set, test_set, device,
+                        os.path.dirname(os.path.abspath(path)), filename, protocol=protocol, **options)
 
 
 def checked_device(parser, checkpoints, device):
@@ -537,8 +535,8 @@ def main(argv=None):
     if args.linear_epochs < 1:
         p.error(f"--linear-epochs must be positive, got {args.linear_epochs}")
     device = checked_device(p, args.checkpoint, args.device)
-    return [evaluate_checkpoint(path, device, args.protocol, args.val_fraction, args.linear_epochs, args.data_dir)
-            for path in args.checkpoint]
+    return [evaluate_checkpoint(path, device, args.data_dir, args.protocol, val_fraction=args.val_fraction,
+                                linear_epochs=args.linear_epochs) for path in args.checkpoint]
 
 
 if __name__ == "__main__":

@@ -400,8 +400,7 @@ def memory_section(config):
                 model = supcon.build_model(supcon.parse_args(["--arch", arch]), sample.info).to(device)
                 model = model.to(memory_format=torch.channels_last)
                 views = data.two_views(sample.inputs.to(device), sample.info, torch.Generator(device).manual_seed(0))
-                precision = supcon.resolve_precision("auto", device)
-                autocast = torch.autocast("cuda", dtype=supcon.DTYPES[precision], enabled=precision != "fp32")
+                _, autocast, _ = supcon.mixed_precision("auto", device)
                 chunks = supcon.fewest_chunks(model, views, sample.targets.to(device), autocast)
                 fits = chunks > 0
                 del model, views

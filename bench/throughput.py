@@ -105,9 +105,7 @@ def make_step(module_name, extra, args, info, device, reference=False, chunks=1,
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if args.compile and not reference else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    precision = "fp32" if reference else module.resolve_precision(precision, device)
-    autocast = torch.autocast(device.type, dtype=module.DTYPES[precision], enabled=precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    _, autocast, scaler = module.mixed_precision("fp32" if reference else precision, device)
 
     def step(views, y):
         optimizer.zero_grad(set_to_none=True)

@@ -153,8 +153,11 @@ def test_fewest_chunks_finds_the_first_size_that_fits(fits_up_to, expected, monk
 
 def test_precision_follows_the_device():
     cpu = torch.device("cpu")
-    assert supcon.resolve_precision("auto", cpu) == "fp32"
-    assert [supcon.resolve_precision(p, cpu) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    assert supcon.mixed_precision("auto", cpu)[0] == "fp32"
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        name, autocast, scaler = supcon.mixed_precision(precision, cpu)
+        assert (name, autocast.fast_dtype, autocast._enabled, scaler.is_enabled()) == (
+            precision, dtype, precision != "fp32", precision == "fp16")
 
 
 def test_fp16_trains_on_the_cpu(tmp_path):

@@ -561,7 +561,7 @@ def test_raw_floor_is_an_occupancy_histogram(shapes_small):
 @pytest.mark.parametrize("name", METHOD_FILES)
 def test_pointnet_is_permutation_invariant(name, shapes_small):
     method = importlib.import_module(name)
-    assert "pointnet" in method.ARCHS
+    assert "pointnet" in method.ENCODERS
     torch.manual_seed(0)
     encoder, dim = method.build_encoder("pointnet", shapes_small["train"].info)
     assert dim == 256
