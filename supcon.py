@@ -432,7 +432,8 @@ def train(args):
 
     options = dict(download=args.download, fraction=args.fraction, seed=args.seed, image_size=args.image_size,
                    release=args.wos_release)
-    # Rank 0 downloads a missing dataset while the others wait in a gloo group whose deadline no download reaches.
+    # Rank 0 downloads a missing dataset first; the others wait in a gloo group of their own, whose deadline
+    # no download reaches (nccl's watchdog would end them after 10 minutes).
     download_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world_size > 1 else None
     if rank > 0:
         dist.barrier(group=download_wait)
